@@ -1,0 +1,89 @@
+"""`dpo-ray run` for the whole round, `dpo-ray <stage>` to run one stage alone on explicit paths.
+
+    dpo-ray run [--config configs/default.yaml] [key.path=value ...]
+    dpo-ray sample    --out DIR                               [--config ...] [overrides]
+    dpo-ray label     --completions DIR --out DIR  |  --out DIR with data.preferences=FILE
+    dpo-ray reference --pairs DIR --out DIR
+    dpo-ray train     --reference DIR --out DIR
+    dpo-ray evaluate  --prompts PROMPTS.parquet --policy DIR --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dpo_ray.config import ConfigError, PipelineConfig, load_config
+
+_STAGE_INPUTS = {
+    "sample": [],
+    "label": ["completions"],
+    "reference": ["pairs"],
+    "train": ["reference"],
+    "evaluate": ["prompts", "policy"],
+}
+
+
+def _parser(stage: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"dpo-ray {stage or 'run'}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.beta=0.2")
+    if stage:
+        parser.add_argument("--out", required=True, help="output folder (written atomically)")
+        for name in _STAGE_INPUTS[stage]:
+            parser.add_argument(f"--{name}", required=not (stage == "label" and name == "completions"))
+    return parser
+
+
+def _load(args) -> PipelineConfig:
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        sys.exit(f"dpo-ray: config error: {err}")
+
+
+def stage_main(stage: str, argv: list[str] | None = None) -> None:
+    from dpo_ray import artifacts
+    from dpo_ray.pipeline import StageRunner, init_ray
+    from dpo_ray.stages import evaluate, label, reference, sample, train
+    from dpo_ray.tracking import Tracker
+
+    args = _parser(stage).parse_args(argv)
+    cfg = _load(args)
+    init_ray(cfg)
+    out = Path(args.out).resolve()
+    runs = {
+        "sample": lambda tmp, run_id, key: sample.run(cfg, str(tmp)),
+        "label": lambda tmp, run_id, key: (label.run(cfg, args.completions, str(tmp)) if args.completions
+                                           else label.import_preferences(cfg, str(tmp))),
+        "reference": lambda tmp, run_id, key: reference.run(cfg, args.pairs, str(tmp)),
+        "train": lambda tmp, run_id, key: train.run(cfg, args.reference, str(tmp), key, run_id),
+        "evaluate": lambda tmp, run_id, key: evaluate.run(cfg, args.prompts, args.policy, str(tmp)),
+    }
+    inputs = {"config": cfg.model_dump(mode="json"),
+              **{name: str(Path(getattr(args, name)).resolve()) for name in _STAGE_INPUTS[stage]
+                 if getattr(args, name, None)}}
+    manifest = StageRunner(cfg, Tracker(cfg))(stage, out, inputs, runs[stage])
+    print(f"[dpo-ray] {stage} output: {out} ({artifacts.MANIFEST}: {manifest['key'][:12]})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        from dpo_ray.pipeline import run_pipeline
+
+        run_pipeline(_load(_parser(None).parse_args(rest)))
+    elif command in _STAGE_INPUTS:
+        stage_main(command, rest)
+    else:
+        sys.exit(f"dpo-ray: unknown command {command!r}; expected run or one of {', '.join(_STAGE_INPUTS)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Typed pipeline configuration: YAML in, validated pydantic out, one-line errors that name the bad key.
+
+Every section forbids unknown keys, so a typo such as `train.betta` fails at load instead of being ignored.
+Dotted overrides (`train.beta=0.2`) are parsed as YAML scalars and applied before validation.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
+BUILTIN_TINY = "builtin:tiny-llama"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "default"
+    root: str = "runs"
+    seed: int = 0
+    experiment: str = "dpo-ray"
+    # None: $MLFLOW_TRACKING_URI if set, else sqlite:///<root>/mlflow.db (absolute path).
+    tracking_uri: str | None = None
+    # None: join $RAY_ADDRESS or a running cluster if any, else start a local one.
+    ray_address: str | None = None
+    # CPU threads per torch process; 0 lets torch decide (all cores).
+    torch_threads: int = Field(0, ge=0)
+
+
+class ModelConfig(_Section):
+    # builtin:smollm2-135m-instruct, builtin:tiny-llama, a local Hugging Face folder, or a hub id.
+    policy: str = BUILTIN_SMOLLM2
+    # None: the same weights as the initial policy.
+    reference: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Section):
+    # Prompts: JSONL, Parquet or a saved `datasets` folder with a `prompt` (text) or `messages` (chat) column.
+    prompts: str | None = "data/prompts/movie_reviews.jsonl"
+    # Existing preference data (prompt/chosen/rejected) for offline DPO; replaces sample + label.
+    preferences: str | None = None
+    system_prompt: str | None = None
+    num_train_prompts: int | None = Field(None, ge=1)
+    num_eval_prompts: int = Field(32, ge=0)
+    max_prompt_tokens: int = Field(128, ge=8)
+    max_completion_tokens: int = Field(128, ge=1)
+    # How a too-long prompt is cut: keep its end (the instruction usually is last) or its start.
+    prompt_truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    on_bad_rows: Literal["error", "skip"] = "error"
+
+
+class SampleConfig(_Section):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    n: int = Field(4, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # Prompts per generate call (each prompt yields n sequences).
+    batch_size: int = Field(16, ge=1)
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+
+
+class LabelConfig(_Section):
+    labeler: Literal["sentiment", "reward_model", "implicit"] = "sentiment"
+    # reward_model labeler: a local AutoModelForSequenceClassification folder with one output.
+    reward_model: str | None = None
+    # implicit labeler: beta*log(policy/reference); both default to model.policy / model.reference.
+    implicit_policy: str | None = None
+    implicit_reference: str | None = None
+    implicit_beta: float = Field(0.1, gt=0)
+    pairing: Literal["best_vs_worst", "all_pairs"] = "best_vs_worst"
+    min_margin: float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _reward_model_needs_path(self) -> "LabelConfig":
+        if self.labeler == "reward_model" and not self.reward_model:
+            raise ValueError("label.reward_model: required when label.labeler is reward_model")
+        return self
+
+
+class ReferenceConfig(_Section):
+    batch_size: int = Field(8, ge=1)
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+
+class TrainConfig(_Section):
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    # Weight of the NLL term on chosen completions (RPO); 0 disables it.
+    rpo_alpha: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    epochs: int = Field(1, ge=1)
+    # Pairs per optimizer step across all workers, and per forward pass on one worker.
+    batch_size: int = Field(16, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_nonfinite_steps: int = Field(3, ge=1)
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[2, 3] = 2
+    checkpoint_every: int = Field(20, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    # Start from this model instead of model.policy (a later round's previous policy, say).
+    init_from: str | None = None
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainConfig":
+        per_worker, rest = divmod(self.batch_size, self.num_workers)
+        if rest or per_worker % self.micro_batch_size:
+            raise ValueError(
+                f"train.batch_size: {self.batch_size} must equal num_workers ({self.num_workers}) "
+                f"x micro_batch_size ({self.micro_batch_size}) x an integer number of accumulation steps"
+            )
+        return self
+
+
+class EvaluateConfig(_Section):
+    samples_per_prompt: int = Field(2, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    # Temperature 1 samples the policy itself, which the Monte-Carlo KL estimate assumes.
+    temperature: float = Field(1.0, gt=0)
+    num_examples: int = Field(8, ge=0)
+
+
+class PipelineConfig(_Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sample: SampleConfig = SampleConfig()
+    label: LabelConfig = LabelConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PipelineConfig":
+        if self.data.preferences is None:
+            if self.data.prompts is None:
+                raise ValueError("data.prompts: required unless data.preferences is given")
+            if self.sample.n < 2:
+                raise ValueError("sample.n: must be at least 2 to build preference pairs")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root).resolve() / self.run.name
+
+    @property
+    def reference_model(self) -> str:
+        return self.model.reference or self.model.policy
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    # Model validators already prefix their message with the key they check.
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+        return msg if ":" in msg.split(" ")[0] else f"{where}: {msg}"
+    extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where or 'config'}: {msg}{extra}"
+
+
+def build_config(tree: dict) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return build_config(tree)
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,226 @@
+"""Reading user-supplied prompts and preference data, with row-level validation.
+
+Sources: JSONL, Parquet, or a folder saved by `datasets.Dataset.save_to_disk`. Every bad row is either a
+one-line error naming file, row and field (`on_bad_rows: error`, the default) or a counted reject with its
+reason (`on_bad_rows: skip`); no row disappears without being counted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from dpo_ray import schemas
+from dpo_ray.text import ROLES
+
+
+class InputError(ValueError):
+    pass
+
+
+@dataclass
+class Reject:
+    source: str
+    row: int
+    field: str
+    reason: str
+    raw: str
+
+
+@dataclass
+class ReadResult:
+    rows: list[dict]
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def _iter_raw_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | None]]:
+    """(row number, record or None, raw text, error) for each row; row numbers are 1-based lines for JSONL."""
+    if path.is_dir():
+        if not ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+            raise InputError(f"{path}: a folder must be a saved `datasets` dataset (save_to_disk)")
+        from datasets import load_from_disk
+
+        for i, record in enumerate(load_from_disk(str(path))):
+            yield i, record, "", None
+    elif path.suffix == ".parquet":
+        for i, record in enumerate(pq.read_table(path).to_pylist()):
+            yield i, record, "", None
+    elif path.suffix in (".jsonl", ".json"):
+        with open(path, "rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield lineno, None, raw.decode("utf-8", "replace"), f"not valid UTF-8 ({err.reason} at byte {err.start})"
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as err:
+                    yield lineno, None, text, f"not valid JSON ({err.msg})"
+                    continue
+                if not isinstance(record, dict):
+                    yield lineno, None, text, "not a JSON object"
+                    continue
+                yield lineno, record, text, None
+    else:
+        raise InputError(f"{path}: unsupported format (expected .jsonl, .parquet or a saved datasets folder)")
+
+
+def _check_messages(value, name: str) -> str | None:
+    if not isinstance(value, list) or not value:
+        return f"{name} must be a non-empty list of {{role, content}} messages"
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
+            return f"{name}[{i}] must be an object with a string content"
+        if msg.get("role") not in ROLES:
+            return f"{name}[{i}] has unknown role {msg.get('role')!r} (expected one of {', '.join(ROLES)})"
+    return None
+
+
+def _check_text(value, name: str) -> str | None:
+    if not isinstance(value, str):
+        return f"{name} must be a string, got {type(value).__name__}"
+    if not value.strip():
+        return f"{name} is empty"
+    return None
+
+
+def _collect(path: Path, on_bad_rows: str, validate) -> ReadResult:
+    if not path.exists():
+        raise InputError(f"{path}: file does not exist")
+    result = ReadResult(rows=[])
+    seen_ids: set[str] = set()
+    for row, record, raw, error in _iter_raw_rows(path):
+        bad_field, problem, normalized = ("<row>", error, None) if error else validate(record, row)
+        if normalized is not None and normalized["id"] in seen_ids:
+            bad_field, problem, normalized = "id", f"duplicate id {normalized['id']!r}", None
+        if normalized is None:
+            if on_bad_rows == "error":
+                raise InputError(f"{path}: row {row}: field {bad_field}: {problem}")
+            result.rejects.append(Reject(str(path), row, bad_field, problem, raw or json.dumps(record, default=str)))
+            continue
+        seen_ids.add(normalized["id"])
+        result.rows.append({**normalized, "row": row})
+    return result
+
+
+def _row_id(record: dict, row: int) -> tuple[str | None, str | None]:
+    value = record.get("id", record.get("prompt_id"))
+    if value is None:
+        return f"row-{row}", None
+    if isinstance(value, (str, int)) and str(value).strip():
+        return str(value), None
+    return None, f"id must be a non-empty string or integer, got {value!r}"
+
+
+def read_prompts(path: str | Path, on_bad_rows: str = "error") -> ReadResult:
+    """Rows {id, prompt, messages_json}: `prompt` text or `messages` chat, exactly one of them."""
+
+    def validate(record: dict, row: int):
+        row_id, problem = _row_id(record, row)
+        if problem:
+            return "id", problem, None
+        if "messages" in record and record["messages"] is not None:
+            problem = _check_messages(record["messages"], "messages")
+            if problem:
+                return "messages", problem, None
+            last_user = [m["content"] for m in record["messages"] if m["role"] == "user"]
+            text = last_user[-1] if last_user else record["messages"][-1]["content"]
+            return None, None, {"id": row_id, "prompt": text, "messages_json": json.dumps(record["messages"])}
+        if "prompt" not in record:
+            return "prompt", f"missing (expected a 'prompt' text or 'messages' chat column; got {sorted(record)})", None
+        problem = _check_text(record["prompt"], "prompt")
+        if problem:
+            return "prompt", problem, None
+        return None, None, {"id": row_id, "prompt": record["prompt"], "messages_json": None}
+
+    return _collect(Path(path), on_bad_rows, validate)
+
+
+def _split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Anthropic-HH style: the prompt is the shared prefix, cut after its last 'Assistant:' turn marker."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    prefix = chosen[:n]
+    marker = prefix.rfind("Assistant:")
+    cut = marker + len("Assistant:") if marker >= 0 else max(prefix.rfind(" "), prefix.rfind("\n")) + 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def read_preferences(path: str | Path, on_bad_rows: str = "error") -> ReadResult:
+    """Rows {id, prompt, messages_json, chosen, rejected}.
+
+    Accepted forms: prompt/chosen/rejected as text; prompt as chat messages with text or single-message
+    replies; chosen/rejected as whole conversations sharing their prompt turns; chosen/rejected as text with
+    the prompt as their shared prefix (Anthropic HH).
+    """
+
+    def reply_text(value, name: str):
+        if isinstance(value, list):
+            problem = _check_messages(value, name)
+            if problem:
+                return None, problem
+            if value[-1]["role"] != "assistant":
+                return None, f"{name} must end with an assistant message"
+            value = value[-1]["content"]
+        problem = _check_text(value, name)
+        return (None, problem) if problem else (value, None)
+
+    def validate(record: dict, row: int):
+        row_id, problem = _row_id(record, row)
+        if problem:
+            return "id", problem, None
+        for name in ("chosen", "rejected"):
+            if name not in record:
+                return name, f"missing (got columns {sorted(record)})", None
+        chosen_raw, rejected_raw, prompt = record["chosen"], record["rejected"], record.get("prompt")
+        messages_json = None
+        if prompt is None and isinstance(chosen_raw, list) and isinstance(rejected_raw, list):
+            # Whole conversations: the prompt is every turn before the final assistant reply.
+            for name, conv in (("chosen", chosen_raw), ("rejected", rejected_raw)):
+                problem = _check_messages(conv, name)
+                if problem:
+                    return name, problem, None
+            if chosen_raw[:-1] != rejected_raw[:-1]:
+                return "rejected", "chosen and rejected conversations differ before their last message", None
+            prompt = chosen_raw[:-1]
+        elif prompt is None and isinstance(chosen_raw, str) and isinstance(rejected_raw, str):
+            prompt, chosen_raw, rejected_raw = _split_shared_prefix(chosen_raw, rejected_raw)
+        if isinstance(prompt, list):
+            problem = _check_messages(prompt, "prompt")
+            if problem:
+                return "prompt", problem, None
+            messages_json = json.dumps(prompt)
+            prompt = "\n".join(m["content"] for m in prompt)
+        else:
+            problem = _check_text(prompt, "prompt")
+            if problem:
+                return "prompt", problem, None
+        chosen, problem = reply_text(chosen_raw, "chosen")
+        if problem:
+            return "chosen", problem, None
+        rejected, problem = reply_text(rejected_raw, "rejected")
+        if problem:
+            return "rejected", problem, None
+        if chosen == rejected:
+            return "rejected", "identical to chosen", None
+        return None, None, {"id": row_id, "prompt": prompt, "messages_json": messages_json,
+                            "chosen": chosen, "rejected": rejected}
+
+    return _collect(Path(path), on_bad_rows, validate)
+
+
+def write_rejects(rejects: list[Reject], out_dir: str | Path) -> None:
+    """rejects.parquet beside a stage's output, with the reason of every refused row."""
+    if rejects:
+        table = schemas.rows_to_table([r.__dict__ for r in rejects], schemas.REJECTS)
+        pq.write_table(table, Path(out_dir) / "rejects.parquet")

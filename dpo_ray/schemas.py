@@ -1,0 +1,130 @@
+"""Arrow schemas of every Parquet file the pipeline writes, and the helpers that enforce them.
+
+Token ids travel with the text from the sample stage on, so the reference pass and training score exactly the
+tokens that were sampled; nothing downstream re-tokenizes a completion.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TOKENS = pa.list_(pa.int32())
+
+# Normalized prompts (written by the pipeline before sampling). `messages_json` keeps a chat prompt verbatim.
+PROMPTS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("messages_json", pa.string()),
+        ("split", pa.string()),
+    ]
+)
+
+# sample: one row per completion.
+COMPLETIONS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("prompt_ids", TOKENS),
+        ("sample_index", pa.int32()),
+        ("completion", pa.string()),
+        ("completion_ids", TOKENS),
+        # Sum of the sampler's own log-probs (of the temperature/top-p distribution it sampled from).
+        ("sample_logp", pa.float64()),
+        ("finish_reason", pa.string()),
+        ("prompt_truncated", pa.bool_()),
+    ]
+)
+
+# label: completions with their scores (kept so a reader can audit every pair).
+SCORED = COMPLETIONS.append(pa.field("reward", pa.float64()))
+
+# label: preference pairs.
+PAIRS = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("prompt_ids", TOKENS),
+        ("chosen", pa.string()),
+        ("chosen_ids", TOKENS),
+        ("rejected", pa.string()),
+        ("rejected_ids", TOKENS),
+        # Null for offline preference data that carries no scores.
+        ("chosen_reward", pa.float64()),
+        ("rejected_reward", pa.float64()),
+    ]
+)
+
+# reference: pairs plus the reference model's log-probs summed over completion tokens only.
+REFERENCE = PAIRS.append(pa.field("ref_chosen_logps", pa.float64())).append(
+    pa.field("ref_rejected_logps", pa.float64())
+)
+
+# evaluate: one row per held-out sample of either model.
+EVAL_SAMPLES = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("model", pa.string()),  # "policy" or "reference"
+        ("sample_index", pa.int32()),
+        ("completion", pa.string()),
+        ("completion_tokens", pa.int32()),
+        ("reward", pa.float64()),
+        ("policy_logp", pa.float64()),
+        ("reference_logp", pa.float64()),
+    ]
+)
+
+# Rows refused by a reader under `on_bad_rows: skip`.
+REJECTS = pa.schema(
+    [
+        ("source", pa.string()),
+        ("row", pa.int64()),
+        ("field", pa.string()),
+        ("reason", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
+
+
+class SchemaError(ValueError):
+    pass
+
+
+def to_table(columns: Mapping[str, Sequence], schema: pa.Schema) -> pa.Table:
+    """Build a table with exactly `schema`; a missing or extra column is a bug, so it raises."""
+    names = set(columns)
+    expected = set(schema.names)
+    if names != expected:
+        raise SchemaError(f"columns {sorted(names ^ expected)} do not match the schema {schema.names}")
+    return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
+
+
+def rows_to_table(rows: Sequence[Mapping], schema: pa.Schema) -> pa.Table:
+    return to_table({name: [r[name] for r in rows] for name in schema.names}, schema)
+
+
+def check_schema(table_or_schema: pa.Table | pa.Schema, schema: pa.Schema, where: str | Path) -> None:
+    """Raise a SchemaError naming the file and the first column that differs from `schema`."""
+    actual = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
+    for field in schema:
+        if field.name not in actual.names:
+            raise SchemaError(f"{where}: missing column {field.name!r} ({field.type})")
+        got = actual.field(field.name).type
+        if got != field.type:
+            raise SchemaError(f"{where}: column {field.name!r} has type {got}, expected {field.type}")
+
+
+def read_table(path: str | Path, schema: pa.Schema, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a Parquet file or folder of part files, checked against `schema`; optionally only `columns`."""
+    if Path(path).is_dir() and not any(Path(path).glob("*.parquet")):
+        raise SchemaError(f"{path}: no Parquet files (the stage wrote no rows)")
+    dataset = pq.ParquetDataset(path)
+    check_schema(dataset.schema, schema, path)
+    names = list(columns or schema.names)
+    return dataset.read(columns=names).cast(pa.schema([schema.field(n) for n in names]))

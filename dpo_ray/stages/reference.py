@@ -1,0 +1,84 @@
+"""reference: one offline pass scoring every pair under the reference model, so training never holds one.
+
+Writes `schemas.REFERENCE`: the pairs plus `ref_chosen_logps` and `ref_rejected_logps`, each the reference
+model's log-prob summed over completion tokens only. The scorer below is the same code path training uses
+(`logprobs.completion_logps`); the label and evaluate stages reuse it to score completions under any model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+
+from dpo_ray import schemas
+from dpo_ray.config import PipelineConfig
+from dpo_ray.logprobs import completion_logps, pad_batch
+from dpo_ray.models import load_causal_lm, load_tokenizer, set_torch_threads
+
+
+class LogProbScorer:
+    """Ray Data callable: appends, for each (token-id column -> output column), the summed completion log-prob
+    of `prompt_ids` + that column under one model. Rows are length-sorted into forward batches to cut padding."""
+
+    def __init__(self, cfg: dict, model_spec: str, columns: dict[str, str]):
+        self.cfg = PipelineConfig.model_validate(cfg)
+        set_torch_threads(self.cfg.run.torch_threads)
+        self.columns = columns
+        self.model = load_causal_lm(model_spec, self.cfg.model.dtype,
+                                    trust_remote_code=self.cfg.model.trust_remote_code).eval()
+        self.pad_id = load_tokenizer(model_spec, self.cfg.model.trust_remote_code).pad_token_id
+
+    @torch.inference_mode()
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prompts = batch["prompt_ids"].to_pylist()
+        jobs = [(col, row, prompts[row], ids) for col in self.columns
+                for row, ids in enumerate(batch[col].to_pylist())]
+        jobs.sort(key=lambda job: len(job[2]) + len(job[3]))
+        results = {col: [math.nan] * batch.num_rows for col in self.columns}
+        size = self.cfg.reference.batch_size
+        for start in range(0, len(jobs), size):
+            chunk = jobs[start : start + size]
+            tensors = pad_batch([j[2] for j in chunk], [j[3] for j in chunk], self.pad_id)
+            sums, _ = completion_logps(self.model, **tensors)
+            for (col, row, _, _), value in zip(chunk, sums.tolist()):
+                results[col][row] = value
+        for col, out in self.columns.items():
+            batch = batch.append_column(out, pa.array(results[col], pa.float64()))
+        return batch
+
+
+def score_logps(ds: ray.data.Dataset, cfg: PipelineConfig, model_spec: str, columns: dict[str, str]) -> ray.data.Dataset:
+    r = cfg.reference
+    return ds.map_batches(
+        LogProbScorer,
+        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "model_spec": model_spec, "columns": columns},
+        batch_size=max(r.batch_size * 4, 16),
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=r.num_actors),
+        num_cpus=r.cpus_per_actor,
+        num_gpus=r.gpus_per_actor,
+    )
+
+
+def run(cfg: PipelineConfig, pairs_path: str, out_dir: str) -> dict:
+    pairs = ray.data.read_parquet(pairs_path)
+    scored = score_logps(pairs, cfg, cfg.reference_model,
+                         {"chosen_ids": "ref_chosen_logps", "rejected_ids": "ref_rejected_logps"})
+    scored.write_parquet(out_dir)
+    table = schemas.read_table(out_dir, schemas.REFERENCE, ["ref_chosen_logps", "ref_rejected_logps"])
+    finite = pc.and_(pc.is_finite(table["ref_chosen_logps"]), pc.is_finite(table["ref_rejected_logps"]))
+    return {"pairs": table.num_rows, "nonfinite_pairs": table.num_rows - (pc.sum(finite).as_py() or 0)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from dpo_ray.cli import stage_main
+
+    stage_main("reference", argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""sample: n on-policy completions per prompt, from a Ray Data actor pool that holds the model.
+
+Two backends share one output schema (`schemas.COMPLETIONS`):
+- `transformers`: a batched KV-cache sampling loop with one seeded generator per (prompt, sample), so a
+  completion depends on the run seed and its prompt id, not on which batch or actor it landed in.
+- `vllm`: `vllm.LLM` held by each actor (one GPU each, or a tensor-parallel placement group), all n samples of
+  a prompt in one request, seeded through the engine.
+
+`sample_logp` is the sum of the model's log-probs of the sampled tokens before temperature and top-p, as vLLM
+reports it; the DPO stages never use it (they rescore with the training forward code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from dpo_ray import schemas
+from dpo_ray.config import PipelineConfig
+from dpo_ray.inputs import read_prompts, write_rejects
+from dpo_ray.logprobs import pad_batch
+from dpo_ray.models import load_causal_lm, load_tokenizer, resolve_model, set_torch_threads
+from dpo_ray.text import decode_completion, prompt_token_ids
+
+
+def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{prompt_id}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+    drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@torch.inference_mode()
+def sample_tokens(
+    model,
+    prompts: list[list[int]],
+    seeds: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_ids: set[int],
+    pad_id: int,
+) -> list[tuple[list[int], float, str]]:
+    """Sample one completion per prompt row: [(token ids ending at EOS if any, sum log-prob, finish reason)]."""
+    batch = pad_batch(prompts, [[] for _ in prompts], pad_id, side="left")
+    attention = batch["attention_mask"]
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    n = len(prompts)
+    out = model(input_ids=batch["input_ids"], attention_mask=attention, position_ids=positions,
+                use_cache=True, logits_to_keep=1)
+    next_position = positions[:, -1:] + 1
+    done = torch.zeros(n, dtype=torch.bool)
+    hit_eos = torch.zeros(n, dtype=torch.bool)
+    logp = torch.zeros(n, dtype=torch.float64)
+    steps = []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        raw_logprobs = logits.log_softmax(-1)
+        if temperature == 0:
+            token = logits.argmax(-1)
+        else:
+            probs = _filter_top_p(logits / temperature, top_p).softmax(-1)
+            token = torch.cat([torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(n)])
+        logp += torch.where(done, 0.0, raw_logprobs.gather(-1, token[:, None]).squeeze(-1).double())
+        token = torch.where(done, pad_id, token)
+        steps.append(token)
+        newly_done = torch.isin(token, eos) & ~done
+        hit_eos |= newly_done
+        done |= newly_done
+        if done.all():
+            break
+        attention = torch.cat([attention, torch.ones(n, 1, dtype=attention.dtype)], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
+                    past_key_values=out.past_key_values, use_cache=True)
+        next_position = next_position + 1
+    tokens = torch.stack(steps, dim=1).tolist()
+    results = []
+    for row in range(n):
+        ids = tokens[row]
+        if hit_eos[row]:
+            first_eos = next(i for i, t in enumerate(ids) if t in eos_ids)
+            ids = ids[: first_eos + 1]
+        results.append((ids, float(logp[row]), "stop" if hit_eos[row] else "length"))
+    return results
+
+
+class _Sampler:
+    """Ray Data callable: a batch of prompt rows in, n completion rows per prompt out."""
+
+    def __init__(self, cfg: dict, model_spec: str, n: int, max_new_tokens: int, temperature: float, seed: int):
+        self.cfg = PipelineConfig.model_validate(cfg)
+        set_torch_threads(self.cfg.run.torch_threads)
+        self.model_spec = model_spec
+        self.n, self.max_new_tokens, self.temperature, self.seed = n, max_new_tokens, temperature, seed
+        self.tokenizer = load_tokenizer(model_spec, self.cfg.model.trust_remote_code)
+
+    def generate(self, prompt_ids: list[list[int]], prompt_keys: list[str]) -> list[list[tuple[list[int], float, str]]]:
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        data = self.cfg.data
+        rows = batch.to_pylist()
+        encoded = [
+            prompt_token_ids(self.tokenizer, r["prompt"], r["messages_json"], data.system_prompt,
+                             data.max_prompt_tokens, data.prompt_truncation)
+            for r in rows
+        ]
+        results = self.generate([ids for ids, _ in encoded], [r["prompt_id"] for r in rows])
+        out = []
+        for row, (ids, truncated), samples in zip(rows, encoded, results):
+            for index, (completion_ids, logp, finish) in enumerate(samples):
+                out.append({
+                    "prompt_id": row["prompt_id"], "prompt": row["prompt"], "prompt_ids": ids,
+                    "sample_index": index, "completion": decode_completion(self.tokenizer, completion_ids),
+                    "completion_ids": completion_ids, "sample_logp": logp, "finish_reason": finish,
+                    "prompt_truncated": truncated,
+                })
+        return schemas.rows_to_table(out, schemas.COMPLETIONS)
+
+
+class TransformersSampler(_Sampler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model = load_causal_lm(self.model_spec, self.cfg.model.dtype,
+                                    trust_remote_code=self.cfg.model.trust_remote_code).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self.eos_ids.discard(None)
+
+    def generate(self, prompt_ids, prompt_keys):
+        rows = [(ids, key, j) for ids, key in zip(prompt_ids, prompt_keys) for j in range(self.n)]
+        flat = sample_tokens(
+            self.model, [ids for ids, _, _ in rows], [sample_seed(self.seed, key, j) for _, key, j in rows],
+            self.max_new_tokens, self.temperature, self.cfg.sample.top_p, self.eos_ids, self.tokenizer.pad_token_id,
+        )
+        return [flat[i : i + self.n] for i in range(0, len(flat), self.n)]
+
+
+class VLLMSampler(_Sampler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise RuntimeError("sample.backend=vllm needs vllm installed (pip install 'dpo-ray[vllm]')") from None
+        tp = self.cfg.sample.tensor_parallel_size
+        # On CPU a per-request seed crashes the engine, so the engine itself is seeded.
+        self.llm = LLM(
+            model=resolve_model(self.model_spec), seed=self.seed, dtype=self.cfg.model.dtype,
+            tensor_parallel_size=tp, distributed_executor_backend="ray" if tp > 1 else None,
+            trust_remote_code=self.cfg.model.trust_remote_code, enforce_eager=not torch.cuda.is_available(),
+        )
+        self.params = SamplingParams(
+            n=self.n, temperature=self.temperature, top_p=self.cfg.sample.top_p,
+            max_tokens=self.max_new_tokens, logprobs=0,
+        )
+
+    def generate(self, prompt_ids, prompt_keys):
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], self.params, use_tqdm=False)
+        return [
+            [(list(c.token_ids), float(c.cumulative_logprob or 0.0), "stop" if c.finish_reason == "stop" else "length")
+             for c in out.outputs]
+            for out in outputs
+        ]
+
+
+def sample_dataset(
+    prompts: ray.data.Dataset, cfg: PipelineConfig, model_spec: str, n: int,
+    max_new_tokens: int, temperature: float, seed: int,
+) -> ray.data.Dataset:
+    """Completions of every prompt row, as a lazy Ray dataset with the COMPLETIONS schema."""
+    s = cfg.sample
+    sampler = VLLMSampler if s.backend == "vllm" else TransformersSampler
+    remote_args = {"num_cpus": s.cpus_per_actor, "num_gpus": s.gpus_per_actor}
+    if s.backend == "vllm" and s.tensor_parallel_size > 1:
+        # The engine's workers take the GPUs from a placement group of their own; the actor holds none.
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        def pg_strategy():
+            group = placement_group([{"CPU": 1, "GPU": 1}] * s.tensor_parallel_size, strategy="STRICT_PACK")
+            return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+                group, placement_group_capture_child_tasks=True)}
+
+        remote_args = {"num_cpus": s.cpus_per_actor, "num_gpus": 0, "ray_remote_args_fn": pg_strategy}
+    return prompts.map_batches(
+        sampler,
+        fn_constructor_kwargs={
+            "cfg": cfg.model_dump(mode="json"), "model_spec": model_spec, "n": n,
+            "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+        },
+        batch_size=s.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=s.num_actors),
+        **remote_args,
+    )
+
+
+def prepare_prompts(cfg: PipelineConfig, out_dir: str | Path) -> dict:
+    """Validate the user's prompts and write prompts.parquet with a seeded train/eval split."""
+    data = cfg.data
+    read = read_prompts(data.prompts, data.on_bad_rows)
+    write_rejects(read.rejects, out_dir)
+    rows = sorted(read.rows, key=lambda r: r["id"])
+    random.Random(cfg.run.seed).shuffle(rows)
+    n_eval = min(data.num_eval_prompts, len(rows) // 2)
+    train = rows[n_eval:][: data.num_train_prompts]
+    table = schemas.rows_to_table(
+        [{"prompt_id": r["id"], "prompt": r["prompt"], "messages_json": r["messages_json"], "split": split}
+         for split, part in (("train", train), ("eval", rows[:n_eval])) for r in part],
+        schemas.PROMPTS,
+    )
+    pq.write_table(table, Path(out_dir) / "prompts.parquet")
+    return {"prompts_read": len(read.rows), "prompts_rejected": len(read.rejects),
+            "train_prompts": len(train), "eval_prompts": n_eval}
+
+
+def read_split(prompts_path: str | Path, split: str) -> ray.data.Dataset:
+    return ray.data.read_parquet(str(prompts_path)).filter(expr=f"split == '{split}'")
+
+
+def run(cfg: PipelineConfig, out_dir: str, model_spec: str | None = None) -> dict:
+    """Prepare the prompts, then sample cfg.sample.n completions for every train prompt."""
+    stats = prepare_prompts(cfg, out_dir)
+    completions_dir = str(Path(out_dir) / "completions")
+    s = cfg.sample
+    sample_dataset(
+        read_split(Path(out_dir) / "prompts.parquet", "train"), cfg, model_spec or cfg.model.policy,
+        s.n, s.max_new_tokens, s.temperature, cfg.run.seed,
+    ).write_parquet(completions_dir)
+    table = schemas.read_table(completions_dir, schemas.COMPLETIONS,
+                               ["prompt_id", "completion_ids", "finish_reason", "prompt_truncated"])
+    lengths = pc.list_value_length(table["completion_ids"])
+    return {
+        **stats,
+        "completions": table.num_rows,
+        "completion_tokens": pc.sum(lengths).as_py() or 0,
+        "finished_with_eos": pc.sum(pc.equal(table["finish_reason"], "stop")).as_py() or 0,
+        "prompts_truncated": pc.sum(table["prompt_truncated"].cast(pa.int64())).as_py() or 0,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from dpo_ray.cli import stage_main
+
+    stage_main("sample", argv)
+
+
+if __name__ == "__main__":
+    main()

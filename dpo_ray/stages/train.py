@@ -1,0 +1,363 @@
+"""train: Ray Train minimizes the DPO loss family on pairs with precomputed reference log-probs.
+
+The distributed layer is thin: `TorchTrainer` starts the workers, each reads its shard of the reference
+Parquet as a Ray dataset, and `_DDP` / `_DeepSpeed` hide the one difference between the CPU (gloo DDP) and GPU
+(DeepSpeed ZeRO-2/3) paths: how gradients are reduced, stepped and checkpointed. No reference model is ever
+loaded here. Rerunning with the same inputs resumes from the last checkpoint (same Ray Train name and path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from dpo_ray.config import PipelineConfig, TrainConfig
+from dpo_ray.logprobs import completion_logps, pair_batch
+from dpo_ray.losses import DPOOutput, dpo_objective, reward_metrics
+from dpo_ray.models import load_causal_lm, load_tokenizer, set_torch_threads
+
+POLICY_DIR = "policy"
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def dpo_forward(model, rows: dict[str, list], pad_id: int, t: TrainConfig) -> tuple[DPOOutput, dict, int]:
+    """One forward of B pairs (chosen and rejected concatenated into 2B rows) and the DPO objective.
+
+    rows: prompt_ids, chosen_ids, rejected_ids (lists of B token lists); ref_chosen_logps, ref_rejected_logps (B).
+    Returns the loss output, the TRL-named metrics and the number of non-padding tokens processed.
+    """
+    batch = pair_batch(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], pad_id)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logps, counts = completion_logps(model, **batch)
+    b = len(rows["prompt_ids"])
+    chosen, rejected = logps[:b], logps[b:]
+    ref_chosen = torch.as_tensor(np.asarray(rows["ref_chosen_logps"], dtype=np.float32), device=device)
+    ref_rejected = torch.as_tensor(np.asarray(rows["ref_rejected_logps"], dtype=np.float32), device=device)
+    out = dpo_objective(chosen, rejected, ref_chosen, ref_rejected, counts[:b], t.beta, t.loss,
+                        t.label_smoothing, t.rpo_alpha)
+    return out, reward_metrics(out, chosen, rejected), int(batch["attention_mask"].sum())
+
+
+def _lists(batch: dict[str, np.ndarray]) -> dict[str, list]:
+    return {k: [x.tolist() if isinstance(x, np.ndarray) else x for x in v] for k, v in batch.items()}
+
+
+def _micro_batches(rows: dict[str, list], size: int) -> list[dict[str, list]]:
+    """Split one step's rows into micro-batches of similar length, so padding costs little."""
+    n = len(rows["prompt_ids"])
+    order = sorted(range(n), key=lambda i: len(rows["prompt_ids"][i]) + max(len(rows["chosen_ids"][i]), len(rows["rejected_ids"][i])))
+    return [{k: [v[i] for i in order[s : s + size]] for k, v in rows.items()} for s in range(0, n, size)]
+
+
+def _make_optimizer(model, t: TrainConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _warmup(t: TrainConfig):
+    # Linear warm-up to lr, then constant, as in the DPO paper.
+    return lambda step: min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+
+
+def _zero_loss(model) -> torch.Tensor:
+    # Backpropagated instead of a non-finite loss: keeps every rank's collectives in step, adds no gradient.
+    return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+
+
+class _DDP:
+    def __init__(self, model, t: TrainConfig, world: int):
+        self.t = t
+        self.raw = model
+        self.optimizer = _make_optimizer(model, t)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup(t))
+        self.model = ray.train.torch.prepare_model(model) if world > 1 else model
+
+    def no_sync(self, skip: bool):
+        return self.model.no_sync() if skip and hasattr(self.model, "no_sync") else contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self) -> tuple[float, bool]:
+        norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.t.max_grad_norm or float("inf"))
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm), finite
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, path: Path, rank: int, tokenizer) -> None:
+        if rank == 0:
+            self.raw.save_pretrained(path / POLICY_DIR, safe_serialization=True)
+            tokenizer.save_pretrained(path / POLICY_DIR)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       path / "optimizer.pt")
+
+    def load(self, path: Path) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.raw, path / POLICY_DIR / "model.safetensors", strict=False)
+        state = torch.load(path / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class _DeepSpeed:
+    def __init__(self, model, t: TrainConfig, world: int, dtype: str, micro: int, accumulation: int):
+        import deepspeed
+
+        self.t = t
+        optimizer = _make_optimizer(model, t)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(t))
+        config = {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accumulation,
+            "zero_optimization": {"stage": t.zero_stage},
+            "bf16": {"enabled": dtype == "bfloat16"},
+            "fp16": {"enabled": dtype == "float16"},
+            # A client-built torch optimizer: DeepSpeed's fused Adam would JIT-compile for minutes on CPU.
+            "zero_allow_untested_optimizer": True,
+        }
+        if t.max_grad_norm:
+            config["gradient_clipping"] = t.max_grad_norm
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        self.raw = self.model.module
+
+    def no_sync(self, skip: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        # DeepSpeed divides by gradient_accumulation_steps itself; the loop already weighted each micro-batch.
+        self.model.backward(loss * self.model.gradient_accumulation_steps(), scale_wrt_gas=True)
+        self.model.step()
+
+    def step(self) -> tuple[float, bool]:
+        # DeepSpeed steps inside backward at the accumulation boundary; report what it saw.
+        norm = self.model.get_global_grad_norm()
+        if norm is None:
+            return float("nan"), True
+        return float(norm), math.isfinite(float(norm))
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, path: Path, rank: int, tokenizer) -> None:
+        import deepspeed
+
+        self.model.save_checkpoint(str(path / "deepspeed"), tag="latest")
+        params = list(self.raw.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.t.zero_stage == 3):
+            if rank == 0:
+                self.raw.save_pretrained(path / POLICY_DIR, safe_serialization=True)
+                tokenizer.save_pretrained(path / POLICY_DIR)
+
+    def load(self, path: Path) -> None:
+        self.model.load_checkpoint(str(path / "deepspeed"), tag="latest")
+
+
+def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=op)
+    return tensor.cpu().tolist()
+
+
+def _format_eta(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = PipelineConfig.model_validate(config["cfg"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    set_torch_threads(cfg.run.torch_threads)
+    torch.manual_seed(cfg.run.seed)
+    device = ray.train.torch.get_device()
+    tokenizer = load_tokenizer(config["init_model"], cfg.model.trust_remote_code)
+    model = load_causal_lm(config["init_model"], cfg.model.dtype, device, cfg.model.trust_remote_code)
+    model.config.use_cache = False
+    per_worker = t.batch_size // world
+    accumulation = per_worker // t.micro_batch_size
+    if t.strategy == "deepspeed":
+        engine = _DeepSpeed(model, t, world, cfg.model.dtype, t.micro_batch_size, accumulation)
+    else:
+        engine = _DDP(model, t, world)
+    engine.model.train()
+
+    state = {"step": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0, "tokens": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            engine.load(Path(path))
+            state = json.loads((Path(path) / "trainer_state.json").read_text())
+        if rank == 0:
+            print(f"[train] resumed from step {state['step']}", flush=True)
+
+    tracker = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from mlflow.tracking import MlflowClient
+
+        tracker = MlflowClient(config["tracking_uri"])
+
+    steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
+    shard = ray.train.get_dataset_shard("train")
+    started, first_step = time.time(), state["step"]
+    metrics: dict = {}
+    for epoch in range(state["step"] // steps_per_epoch, t.epochs):
+        batches = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=per_worker * 4, local_shuffle_seed=cfg.run.seed + epoch)
+        for index, raw in enumerate(batches):
+            if index >= steps_per_epoch:
+                break
+            if epoch * steps_per_epoch + index < state["step"]:
+                continue  # already trained before the resume
+            step_start = time.time()
+            totals: dict[str, float] = {}
+            tokens, nonfinite_micro = 0, 0
+            micro = _micro_batches(_lists(raw), t.micro_batch_size)
+            for m, rows in enumerate(micro):
+                with engine.no_sync(m < len(micro) - 1):
+                    out, step_metrics, n_tokens = dpo_forward(engine.model, rows, tokenizer.pad_token_id, t)
+                    weight = len(rows["prompt_ids"]) / per_worker
+                    finite = _all_reduce([float(torch.isfinite(out.loss))], dist.ReduceOp.MIN)[0] > 0
+                    engine.backward(out.loss * weight if finite else _zero_loss(engine.model))
+                nonfinite_micro += not finite
+                tokens += n_tokens
+                for k, v in step_metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v * weight
+            grad_norm, stepped = engine.step()
+            ok = stepped and nonfinite_micro == 0
+            state["step"] += 1
+            state["nonfinite_steps"] += not ok
+            state["nonfinite_in_a_row"] = 0 if ok else state["nonfinite_in_a_row"] + 1
+            if state["nonfinite_in_a_row"] >= t.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"train: {state['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient "
+                    f"(last at step {state['step']}); see train.max_nonfinite_steps"
+                )
+            reduced = _all_reduce([totals.get(k, float("nan")) for k in sorted(totals)] + [tokens])
+            metrics = {k: v / world for k, v in zip(sorted(totals), reduced[:-1])}
+            step_tokens = reduced[-1]
+            state["tokens"] += step_tokens
+            elapsed = time.time() - step_start
+            metrics.update({
+                "grad_norm": grad_norm, "learning_rate": engine.lr(), "tokens_per_s": step_tokens / elapsed,
+                "pairs_per_s": t.batch_size / elapsed, "epoch": epoch, "nonfinite_steps": state["nonfinite_steps"],
+            })
+            if rank == 0:
+                done = state["step"] - first_step
+                eta = (time.time() - started) / done * (total_steps - state["step"])
+                print(f"[train] step {state['step']}/{total_steps} loss {metrics['loss']:.4f} "
+                      f"acc {metrics['rewards/accuracies']:.2f} margin {metrics['rewards/margins']:.3f} "
+                      f"{metrics['tokens_per_s']:.0f} tok/s ETA {_format_eta(eta)}", flush=True)
+                if tracker:
+                    from mlflow.entities import Metric
+
+                    now = int(time.time() * 1000)
+                    tracker.log_batch(config["mlflow_run_id"], metrics=[
+                        Metric(k, float(v), now, state["step"]) for k, v in metrics.items() if math.isfinite(v)])
+            last = state["step"] == total_steps
+            if last or state["step"] % t.checkpoint_every == 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    engine.save(Path(tmp), rank, tokenizer)
+                    if rank == 0:
+                        (Path(tmp) / "trainer_state.json").write_text(json.dumps(state))
+                    has_files = any(Path(tmp).iterdir())
+                    ray.train.report({**metrics, "step": state["step"]},
+                                     checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
+
+
+def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, mlflow_run_id: str | None) -> dict:
+    """Train on the reference Parquet; the final policy lands in <out_dir>/policy as a safetensors folder."""
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    # Materialized up front: the read then never competes with the training workers for CPUs.
+    dataset = ray.data.read_parquet(reference_path).materialize()
+    pairs = dataset.count()
+    steps_per_epoch = (pairs // t.num_workers) // (t.batch_size // t.num_workers)
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.batch_size: {t.batch_size} is larger than the {pairs} pairs available")
+    import mlflow
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "init_model": t.init_from or cfg.model.policy,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": steps_per_epoch * t.epochs,
+            "mlflow_run_id": mlflow_run_id,
+            "tracking_uri": mlflow.get_tracking_uri(),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=f"train-{run_key[:12]}",
+            storage_path=str(cfg.run_dir / "ray_train"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            worker_runtime_env={"env_vars": _worker_env(cfg)},
+        ),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("train: Ray Train finished without a checkpoint")
+    with result.checkpoint.as_directory() as path:
+        shutil.copytree(Path(path) / POLICY_DIR, Path(out_dir) / POLICY_DIR)
+        state = json.loads((Path(path) / "trainer_state.json").read_text())
+    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    return {**final, "pairs": pairs, "steps": state["step"], "nonfinite_steps": state["nonfinite_steps"],
+            "tokens": state["tokens"]}
+
+
+def _worker_env(cfg: PipelineConfig) -> dict:
+    env = {}
+    if cfg.train.strategy == "deepspeed" and not cfg.train.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+        # A killed JIT build leaves a lock that hangs the next run: give each run its own extensions dir.
+        env["TORCH_EXTENSIONS_DIR"] = str(cfg.run_dir / "torch_extensions")
+    for name in ("DPO_RAY_CACHE", "HF_HOME"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+def main(argv: list[str] | None = None) -> None:
+    from dpo_ray.cli import stage_main
+
+    stage_main("train", argv)
+
+
+if __name__ == "__main__":
+    main()

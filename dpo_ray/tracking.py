@@ -1,0 +1,102 @@
+"""MLflow: one parent run per pipeline run (reused on rerun), a nested run per stage.
+
+The tracking store defaults to sqlite under the runs root; $MLFLOW_TRACKING_URI or run.tracking_uri override
+it. Logged params are the flattened, resolved config with secret-looking names redacted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from dpo_ray.config import PipelineConfig
+
+RUN_DIR_TAG = "dpo_ray.run_dir"
+_SECRET = re.compile(r"(token|secret|passw|api[_-]?key|access[_-]?key|credential|auth)", re.IGNORECASE)
+REDACTED = "***"
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if cfg.run.tracking_uri:
+        return cfg.run.tracking_uri
+    root = Path(cfg.run.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def redact(tree: dict) -> dict:
+    """A copy of a config tree with the values of secret-looking keys replaced."""
+    return {k: redact(v) if isinstance(v, dict) else (REDACTED if _SECRET.search(k) and v is not None else v)
+            for k, v in tree.items()}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def numeric(stats: dict) -> dict:
+    return {k: float(v) for k, v in stats.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+class Tracker:
+    def __init__(self, cfg: PipelineConfig):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.cfg = cfg
+        self.uri = tracking_uri(cfg)
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(cfg.run.experiment)
+        self.parent_id: str | None = None
+
+    def _existing_parent(self) -> str | None:
+        found = self.mlflow.search_runs(
+            filter_string=f"tags.`{RUN_DIR_TAG}` = '{self.cfg.run_dir}'", max_results=1,
+            order_by=["attributes.start_time ASC"], output_format="list",
+        )
+        return found[0].info.run_id if found else None
+
+    @contextmanager
+    def parent(self):
+        """The pipeline's parent run: created once per run dir, reused (not duplicated) on every rerun."""
+        run_id = self._existing_parent()
+        with self.mlflow.start_run(run_id=run_id, run_name=None if run_id else self.cfg.run.name) as run:
+            self.parent_id = run.info.run_id
+            if run_id is None:
+                self.mlflow.set_tag(RUN_DIR_TAG, str(self.cfg.run_dir))
+                params = flatten(redact(self.cfg.model_dump(mode="json")))
+                self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            self.mlflow.log_text(yaml.safe_dump(redact(self.cfg.model_dump(mode="json")), sort_keys=False),
+                                 "config.yaml")
+            yield run
+
+    @contextmanager
+    def stage(self, name: str):
+        with self.mlflow.start_run(run_name=name, nested=self.parent_id is not None,
+                                   parent_run_id=self.parent_id) as run:
+            self.mlflow.set_tag("dpo_ray.stage", name)
+            yield run.info.run_id
+
+    def log_stage(self, stats: dict, folder: Path) -> None:
+        self.mlflow.log_metrics(numeric(stats))
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.suffix in (".json", ".png", ".md", ".yaml"):
+                self.mlflow.log_artifact(str(path))
+
+    def log_skip(self, name: str) -> None:
+        if self.parent_id:
+            self.mlflow.set_tag(f"dpo_ray.skipped.{name}", "manifest matched")

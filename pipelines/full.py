@@ -1,0 +1,18 @@
+"""One round of on-policy DPO: sample -> label -> reference -> train -> evaluate.
+
+    python pipelines/full.py [--config configs/default.yaml] [train.beta=0.2 ...]
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python pipelines/full.py
+
+With no --config it runs the embedded default: SmolLM2-135M-Instruct taught to write positive movie reviews.
+"""
+
+import sys
+from pathlib import Path
+
+from dpo_ray.cli import main
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if "--config" not in args:
+        args = ["--config", str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml"), *args]
+    main(["run", *args])

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny random Llama (fp32, eval mode) and the built-in tiny-llama tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Tiny matrices are dominated by thread-pool overhead on a busy CPU: one thread is orders of magnitude faster
+# here, and it also makes the reductions deterministic.
+torch.set_num_threads(1)
+
+VOCAB = 97
+PAD_ID = 0
+EOS_ID = 2
+
+
+def make_tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        # Wider than the default 0.02 so next-token distributions are far from uniform: argmax, top-p and
+        # batch-independence checks then test something.
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    model = make_tiny_llama()
+    yield model
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.fixture
+def llama(tiny_llama):
+    """The session model with its gradients cleared after each test."""
+    yield tiny_llama
+    tiny_llama.zero_grad(set_to_none=True)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from dpo_ray.models import load_tokenizer
+
+    return load_tokenizer("builtin:tiny-llama")

@@ -1,0 +1,152 @@
+"""Config loading: defaults, overrides, YAML merge and one-line errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpo_ray.config import ConfigError, PipelineConfig, dump_config, load_config, parse_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config_error(overrides=None, path=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides or [])
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert message.strip(), message
+    return message
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.train.beta == 0.1 and cfg.sample.n == 4 and cfg.train.loss == "sigmoid"
+    assert cfg.reference_model == cfg.model.policy
+
+
+def test_shipped_tiny_config_validates():
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    assert cfg.model.policy == "builtin:tiny-llama"
+    assert cfg.sample.n == 3
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.betta=1", "train.betta"),
+        ("sample.temprature=0.5", "sample.temprature"),
+        ("trian.beta=1", "trian"),
+    ],
+)
+def test_unknown_key_names_dotted_key(override, key):
+    message = config_error([override])
+    assert key in message
+    assert "unknown" in message
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  beta: 0.2\n  warmup_step: 5\n")
+    message = config_error(path=path)
+    assert "train.warmup_step" in message
+
+
+def test_wrong_type_names_key():
+    message = config_error(["train.beta=abc"])
+    assert message.startswith("train.beta")
+    assert "number" in message
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.beta=0", "train.beta"),
+        ("train.beta=-0.5", "train.beta"),
+        ("sample.n=1", "sample.n"),
+        ("sample.n=0", "sample.n"),
+        ("train.label_smoothing=0.5", "train.label_smoothing"),
+        ("sample.top_p=0", "sample.top_p"),
+    ],
+)
+def test_impossible_values_name_key(override, key):
+    assert key in config_error([override])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.batch_size=10"],  # not a multiple of micro_batch_size 4
+        ["train.num_workers=3"],  # 16 not divisible by 3
+        ["train.num_workers=2", "train.micro_batch_size=3", "train.batch_size=8"],  # 4 per worker, micro 3
+    ],
+)
+def test_batch_size_divisibility(overrides):
+    message = config_error(overrides)
+    assert message.startswith("train.batch_size")
+
+
+def test_batch_size_divisible_ok():
+    cfg = load_config(None, ["train.num_workers=2", "train.micro_batch_size=3", "train.batch_size=12"])
+    assert cfg.train.batch_size == 12
+
+
+def test_yaml_and_overrides_merge(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({
+        "run": {"name": "from-yaml", "seed": 7},
+        "train": {"beta": 0.3, "loss": "ipo"},
+        "sample": {"n": 6},
+    }))
+    cfg = load_config(path, ["train.beta=0.05", "sample.temperature=0", "run.name=overridden"])
+    assert cfg.train.beta == 0.05  # override wins
+    assert cfg.train.loss == "ipo"  # sibling from YAML kept
+    assert cfg.run.seed == 7 and cfg.run.name == "overridden"
+    assert cfg.sample.n == 6 and cfg.sample.temperature == 0.0
+    assert cfg.train.lr == 1e-6  # untouched default
+
+
+def test_parse_overrides_yaml_scalars():
+    tree = parse_overrides(["train.beta=0.2", "train.use_gpu=true", "model.reference=null",
+                            "run.name=a=b", "data.system_prompt="])
+    assert tree == {
+        "train": {"beta": 0.2, "use_gpu": True},
+        "model": {"reference": None},
+        "run": {"name": "a=b"},
+        "data": {"system_prompt": None},
+    }
+    with pytest.raises(ConfigError):
+        parse_overrides(["train.beta"])
+
+
+def test_reward_model_labeler_needs_path():
+    message = config_error(["label.labeler=reward_model"])
+    assert "label.reward_model" in message
+    cfg = load_config(None, ["label.labeler=reward_model", "label.reward_model=/models/rm"])
+    assert cfg.label.reward_model == "/models/rm"
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    message = config_error(path=missing)
+    assert str(missing) in message
+    assert "does not exist" in message
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [beta: 0.1\n")
+    assert str(bad) in config_error(path=bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- train\n- sample\n")
+    assert str(listing) in config_error(path=listing)
+
+
+def test_dump_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.beta=0.25", "label.pairing=all_pairs"])
+    path = tmp_path / "dumped.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg

@@ -1,0 +1,96 @@
+"""compute_metrics on hand-made EVAL_SAMPLES rows."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+
+from dpo_ray.stages.evaluate import compute_metrics
+
+
+def row(prompt_id, model, index, reward, policy_logp, reference_logp, tokens=5):
+    return {
+        "prompt_id": prompt_id, "prompt": f"prompt {prompt_id}", "model": model, "sample_index": index,
+        "completion": f"{prompt_id}/{model}/{index}", "completion_tokens": tokens, "reward": reward,
+        "policy_logp": policy_logp, "reference_logp": reference_logp,
+    }
+
+
+ROWS = [
+    # p1: policy wins sample 0, ties sample 1. Best = policy/0 (0.8), worst = reference/0 (0.2):
+    # implicit rewards 1.0 vs -0.5 rank them correctly.
+    row("p1", "policy", 0, 0.8, -10.0, -11.0, tokens=4),
+    row("p1", "policy", 1, 0.5, -12.0, -12.5, tokens=6),
+    row("p1", "reference", 0, 0.2, -9.0, -8.5, tokens=3),
+    row("p1", "reference", 1, 0.5, -7.0, -4.0, tokens=9),
+    # p2: policy loses sample 0, wins sample 1. Best = policy/1 (0.9), worst = policy/0 (-0.3):
+    # implicit rewards -2.0 vs 0.5 rank them wrongly.
+    row("p2", "policy", 0, -0.3, -8.0, -8.5, tokens=8),
+    row("p2", "policy", 1, 0.9, -9.0, -7.0, tokens=2),
+    row("p2", "reference", 0, 0.1, -6.0, -1.0, tokens=5),
+    row("p2", "reference", 1, 0.0, -3.0, -9.0, tokens=7),
+    # p3: one sample each; policy wins; implicit rewards 0.2 vs 0.1 rank correctly.
+    row("p3", "policy", 0, 1.0, -5.0, -5.2, tokens=10),
+    row("p3", "reference", 0, 0.0, -4.0, -4.1, tokens=1),
+]
+
+
+def test_reward_means_and_counts():
+    m = compute_metrics(ROWS, beta=0.1)
+    policy = [0.8, 0.5, -0.3, 0.9, 1.0]
+    reference = [0.2, 0.5, 0.1, 0.0, 0.0]
+    assert m["policy_reward"] == pytest.approx(statistics.fmean(policy))
+    assert m["reference_reward"] == pytest.approx(statistics.fmean(reference))
+    assert m["policy_reward_stderr"] == pytest.approx(statistics.stdev(policy) / math.sqrt(5))
+    assert m["eval_prompts"] == 3
+    assert m["policy_completion_tokens"] == pytest.approx((4 + 6 + 8 + 2 + 10) / 5)
+    assert m["reference_completion_tokens"] == pytest.approx((3 + 9 + 5 + 7 + 1) / 5)
+
+
+def test_win_rate_tie_counts_half():
+    m = compute_metrics(ROWS, beta=0.1)
+    wins = [1.0, 0.5, 0.0, 1.0, 1.0]
+    assert m["win_rate"] == pytest.approx(sum(wins) / 5)
+    assert m["win_rate_stderr"] == pytest.approx(statistics.stdev(wins) / math.sqrt(5))
+
+
+def test_win_rate_pairs_same_prompt_and_index_only():
+    rows = [
+        row("a", "policy", 0, 1.0, -1, -1),
+        row("a", "reference", 1, 5.0, -1, -1),  # different index: not compared
+        row("b", "reference", 0, 9.0, -1, -1),  # different prompt: not compared
+        row("a", "reference", 0, 1.0, -1, -1),  # the only counterpart: a tie
+    ]
+    assert compute_metrics(rows, beta=0.1)["win_rate"] == 0.5
+
+
+def test_kl_over_policy_rows_only():
+    m = compute_metrics(ROWS, beta=0.1)
+    policy_terms = [1.0, 0.5, 0.5, -2.0, 0.2]
+    assert m["kl"] == pytest.approx(statistics.fmean(policy_terms))
+    assert m["kl_stderr"] == pytest.approx(statistics.stdev(policy_terms) / math.sqrt(5))
+
+
+def test_implicit_accuracy():
+    m = compute_metrics(ROWS, beta=0.1)
+    assert m["held_out_pairs"] == 3
+    assert m["implicit_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_implicit_accuracy_sign_of_beta_ratio():
+    # The same pair ranked correctly, then wrongly, by the implicit reward.
+    good = [row("q", "policy", 0, 1.0, -1.0, -3.0), row("q", "reference", 0, 0.0, -3.0, -1.0)]
+    bad = [row("q", "policy", 0, 1.0, -3.0, -1.0), row("q", "reference", 0, 0.0, -1.0, -3.0)]
+    assert compute_metrics(good, beta=0.5)["implicit_accuracy"] == 1.0
+    assert compute_metrics(bad, beta=0.5)["implicit_accuracy"] == 0.0
+
+
+def test_all_ties_give_no_pairs():
+    rows = [row("t", "policy", 0, 0.3, -1.0, -2.0), row("t", "reference", 0, 0.3, -2.0, -1.0)]
+    m = compute_metrics(rows, beta=0.1)
+    assert m["held_out_pairs"] == 0
+    assert math.isnan(m["implicit_accuracy"])
+    assert m["win_rate"] == 0.5
+    assert math.isnan(m["win_rate_stderr"])  # a single comparison has no standard error

@@ -1,0 +1,147 @@
+"""The transformers sampling loop's pure parts: top-p filter, per-sample seeds, and sample_tokens itself."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dpo_ray.stages.sample import _filter_top_p, sample_seed, sample_tokens
+
+from conftest import PAD_ID
+
+NO_EOS: set[int] = set()
+
+
+# ------------------------------------------------------------------------------------------------- top-p
+
+
+def logits_of(probs):
+    return torch.tensor([[math.log(p) for p in row] for row in probs])
+
+
+@pytest.mark.parametrize(
+    "top_p, kept",
+    [
+        (0.3, {1}),  # the top token alone already reaches 0.3
+        (0.7, {1, 2}),  # 0.45 < 0.7 <= 0.45 + 0.3
+        (0.76, {1, 2, 3}),
+        (0.999, {0, 1, 2, 3}),
+    ],
+)
+def test_top_p_keeps_smallest_set_reaching_mass(top_p, kept):
+    logits = logits_of([[0.05, 0.45, 0.3, 0.2]])
+    out = _filter_top_p(logits, top_p)
+    survivors = {i for i in range(4) if math.isfinite(out[0, i].item())}
+    assert survivors == kept
+    for i in kept:  # survivors keep their logits unchanged
+        assert out[0, i].item() == logits[0, i].item()
+
+
+def test_top_p_per_row():
+    logits = logits_of([[0.05, 0.45, 0.3, 0.2], [0.6, 0.1, 0.1, 0.2]])
+    out = _filter_top_p(logits, 0.7)
+    assert torch.isfinite(out).tolist() == [[False, True, True, False], [True, False, False, True]]
+
+
+def test_top_p_one_is_identity():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 11)
+    assert torch.equal(_filter_top_p(logits, 1.0), logits)
+
+
+def test_top_p_first_token_always_survives():
+    logits = logits_of([[0.25, 0.25, 0.25, 0.25]])
+    out = _filter_top_p(logits, 1e-9)
+    assert torch.isfinite(out).sum().item() == 1
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+
+
+def test_sample_seed_deterministic_and_distinct():
+    assert sample_seed(0, "p1", 0) == sample_seed(0, "p1", 0)
+    seeds = {sample_seed(s, p, i) for s in (0, 1) for p in ("p1", "p2", "p10") for i in range(4)}
+    assert len(seeds) == 2 * 3 * 4
+    assert sample_seed(0, "p1", 1) != sample_seed(0, "p11", 0)  # no "p1"+"1" vs "p11"+"" collision
+    for s in seeds:
+        assert 0 <= s < 2**63
+
+
+# ----------------------------------------------------------------------------------------- sample_tokens
+
+SHORT = [5, 6, 7]
+LONG = [8, 9, 10, 11, 12, 13, 14]
+
+
+def run(model, prompts, seeds, max_new=6, temperature=1.0, top_p=1.0, eos=NO_EOS):
+    return sample_tokens(model, prompts, seeds, max_new, temperature, top_p, eos, PAD_ID)
+
+
+def raw_logp(model, prompt, completion):
+    """Sum of untempered log-softmax of the completion tokens, one unpadded forward pass."""
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + completion])).logits[0].float().log_softmax(-1)
+    return sum(logp[len(prompt) + i - 1, t].item() for i, t in enumerate(completion))
+
+
+def greedy(model, prompt, steps):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_deterministic_for_fixed_seeds(tiny_llama):
+    a = run(tiny_llama, [SHORT, LONG], [11, 22])
+    b = run(tiny_llama, [SHORT, LONG], [11, 22])
+    assert a == b
+    c = run(tiny_llama, [SHORT, LONG], [12, 22])
+    assert c[0][0] != a[0][0]  # another seed, another sample
+    assert c[1] == a[1]
+
+
+def test_independent_of_batch_composition(tiny_llama):
+    short_alone = run(tiny_llama, [SHORT], [11])[0]
+    long_alone = run(tiny_llama, [LONG], [22])[0]
+    batched = run(tiny_llama, [LONG, SHORT], [22, 11])
+    assert batched[1][0] == short_alone[0]  # left-padded beside a longer prompt
+    assert batched[0][0] == long_alone[0]
+    assert batched[1][1] == pytest.approx(short_alone[1], abs=1e-4)
+    assert batched[0][1] == pytest.approx(long_alone[1], abs=1e-4)
+
+
+def test_temperature_zero_is_argmax(tiny_llama):
+    out = run(tiny_llama, [SHORT, LONG], [1, 2], max_new=5, temperature=0.0)
+    for (ids, _, finish), prompt in zip(out, [SHORT, LONG]):
+        assert ids == greedy(tiny_llama, prompt, 5)
+        assert finish == "length"
+
+
+def test_tiny_top_p_is_argmax(tiny_llama):
+    out = run(tiny_llama, [SHORT], [3], max_new=5, temperature=1.0, top_p=1e-6)
+    assert out[0][0] == greedy(tiny_llama, SHORT, 5)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9), (1.5, 1.0), (0.0, 1.0)])
+def test_logp_is_raw_logsoftmax_of_sampled_tokens(tiny_llama, temperature, top_p):
+    prompts = [SHORT, LONG, [30]]
+    out = run(tiny_llama, prompts, [5, 6, 7], max_new=6, temperature=temperature, top_p=top_p)
+    for prompt, (ids, logp, finish) in zip(prompts, out):
+        assert len(ids) == 6 and finish == "length"
+        assert logp == pytest.approx(raw_logp(tiny_llama, prompt, ids), abs=1e-3)
+
+
+def test_eos_stops_one_row_and_not_the_other(tiny_llama):
+    short_greedy = greedy(tiny_llama, SHORT, 6)
+    long_greedy = greedy(tiny_llama, LONG, 6)
+    eos = short_greedy[2]
+    assert eos not in short_greedy[:2] and eos not in long_greedy, "pick another prompt for this model"
+    out = run(tiny_llama, [SHORT, LONG], [1, 2], max_new=6, temperature=0.0, eos={eos})
+    (s_ids, s_logp, s_finish), (l_ids, l_logp, l_finish) = out
+    assert s_ids == short_greedy[:3] and s_ids[-1] == eos and s_finish == "stop"
+    assert l_ids == long_greedy and l_finish == "length"
+    assert s_logp == pytest.approx(raw_logp(tiny_llama, SHORT, s_ids), abs=1e-3)
+    assert l_logp == pytest.approx(raw_logp(tiny_llama, LONG, l_ids), abs=1e-3)
