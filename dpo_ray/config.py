@@ -140,6 +140,8 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
+    # The external reward that judges policy against reference; None: label.labeler.
+    labeler: Literal["sentiment", "reward_model"] | None = None
     samples_per_prompt: int = Field(2, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)
     # Temperature 1 samples the policy itself, which the Monte-Carlo KL estimate assumes.
@@ -164,6 +166,10 @@ class PipelineConfig(_Section):
                 raise ValueError("data.prompts: required unless data.preferences is given")
             if self.sample.n < 2:
                 raise ValueError("sample.n: must be at least 2 to build preference pairs")
+        if self.evaluate.labeler is None and self.label.labeler == "implicit":
+            raise ValueError("evaluate.labeler: required when label.labeler is implicit (sentiment or reward_model)")
+        if self.evaluate.labeler == "reward_model" and not self.label.reward_model:
+            raise ValueError("label.reward_model: required when evaluate.labeler is reward_model")
         return self
 
     @property

@@ -125,8 +125,7 @@ def run(cfg: PipelineConfig, prompts_path: str, policy_path: str, out_dir: str) 
         ds = sample_dataset(eval_prompts, cfg, spec, e.samples_per_prompt, max_new, e.temperature, cfg.run.seed + 1)
         tagged.append(ds.map_batches(lambda b, name=name: b.append_column("model", pa.array([name] * b.num_rows)),
                                      batch_format="pyarrow").materialize())
-    labeler = "sentiment" if cfg.label.labeler == "implicit" else cfg.label.labeler
-    samples = add_rewards(tagged[0].union(tagged[1]), cfg, labeler).materialize()
+    samples = add_rewards(tagged[0].union(tagged[1]), cfg, e.labeler or cfg.label.labeler).materialize()
     samples = score_logps(samples, cfg, policy_path, {"completion_ids": "policy_logp"}).materialize()
     samples = score_logps(samples, cfg, reference, {"completion_ids": "reference_logp"})
 

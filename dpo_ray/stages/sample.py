@@ -51,34 +51,46 @@ def sample_tokens(
     model,
     prompts: list[list[int]],
     seeds: list[int],
+    n: int,
     max_new_tokens: int,
     temperature: float,
     top_p: float,
     eos_ids: set[int],
     pad_id: int,
 ) -> list[tuple[list[int], float, str]]:
-    """Sample one completion per prompt row: [(token ids ending at EOS if any, sum log-prob, finish reason)]."""
+    """n completions per prompt: [(token ids ending at EOS if any, sum log-prob, finish reason)], prompt-major.
+
+    Each prompt is prefilled once and its KV cache repeated n times (prefill is half the work at our lengths).
+    `seeds` holds one seed per output row (len(prompts) * n), so a row's tokens do not depend on its batch.
+    """
     batch = pad_batch(prompts, [[] for _ in prompts], pad_id, side="left")
     attention = batch["attention_mask"]
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
-    n = len(prompts)
     out = model(input_ids=batch["input_ids"], attention_mask=attention, position_ids=positions,
                 use_cache=True, logits_to_keep=1)
-    next_position = positions[:, -1:] + 1
-    done = torch.zeros(n, dtype=torch.bool)
-    hit_eos = torch.zeros(n, dtype=torch.bool)
-    logp = torch.zeros(n, dtype=torch.float64)
+    cache = out.past_key_values
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+    attention = attention.repeat_interleave(n, dim=0)
+    next_position = positions[:, -1:].repeat_interleave(n, dim=0) + 1
+    rows = len(prompts) * n
+    if len(seeds) != rows:
+        raise ValueError(f"{len(seeds)} seeds for {rows} rows")
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    done = torch.zeros(rows, dtype=torch.bool)
+    hit_eos = torch.zeros(rows, dtype=torch.bool)
+    logp = torch.zeros(rows, dtype=torch.float64)
     steps = []
     for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
+        logits = logits.float()
         raw_logprobs = logits.log_softmax(-1)
         if temperature == 0:
             token = logits.argmax(-1)
         else:
             probs = _filter_top_p(logits / temperature, top_p).softmax(-1)
-            token = torch.cat([torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(n)])
+            token = torch.cat([torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(rows)])
         logp += torch.where(done, 0.0, raw_logprobs.gather(-1, token[:, None]).squeeze(-1).double())
         token = torch.where(done, pad_id, token)
         steps.append(token)
@@ -87,13 +99,14 @@ def sample_tokens(
         done |= newly_done
         if done.all():
             break
-        attention = torch.cat([attention, torch.ones(n, 1, dtype=attention.dtype)], dim=1)
+        attention = torch.cat([attention, torch.ones(rows, 1, dtype=attention.dtype)], dim=1)
         out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
         next_position = next_position + 1
     tokens = torch.stack(steps, dim=1).tolist()
     results = []
-    for row in range(n):
+    for row in range(rows):
         ids = tokens[row]
         if hit_eos[row]:
             first_eos = next(i for i, t in enumerate(ids) if t in eos_ids)
@@ -146,10 +159,10 @@ class TransformersSampler(_Sampler):
         self.eos_ids.discard(None)
 
     def generate(self, prompt_ids, prompt_keys):
-        rows = [(ids, key, j) for ids, key in zip(prompt_ids, prompt_keys) for j in range(self.n)]
+        seeds = [sample_seed(self.seed, key, j) for key in prompt_keys for j in range(self.n)]
         flat = sample_tokens(
-            self.model, [ids for ids, _, _ in rows], [sample_seed(self.seed, key, j) for _, key, j in rows],
-            self.max_new_tokens, self.temperature, self.cfg.sample.top_p, self.eos_ids, self.tokenizer.pad_token_id,
+            self.model, prompt_ids, seeds, self.n, self.max_new_tokens, self.temperature, self.cfg.sample.top_p,
+            self.eos_ids, self.tokenizer.pad_token_id,
         )
         return [flat[i : i + self.n] for i in range(0, len(flat), self.n)]
 

@@ -1,0 +1,149 @@
+"""pipelines/full.py end to end on the tiny random Llama, through a real local Ray and a real MLflow store.
+
+One module-scoped run (a subprocess, as a user would start it) feeds every assertion; a second invocation
+checks that finished stages are skipped and that the MLflow parent run is reused.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpo_ray import schemas
+from dpo_ray.artifacts import read_manifest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ("sample", "label", "reference", "train", "evaluate")
+
+
+def run_full(root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "pipelines/full.py", "--config", "configs/tiny.yaml", f"run.root={root}", *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    first = run_full(root)
+    return root, root / "tiny", first
+
+
+def test_every_stage_published_with_manifest(tiny_run):
+    _, run_dir, first = tiny_run
+    for stage in STAGES:
+        manifest = read_manifest(run_dir / stage)
+        assert manifest is not None and manifest["stage"] == stage, stage
+        assert len(manifest["key"]) == 64
+        assert f"[dpo-ray] {stage}: running" in first.stdout
+    assert not list(run_dir.glob(".*.partial"))
+
+
+def test_parquet_outputs_match_their_schemas(tiny_run):
+    _, run_dir, _ = tiny_run
+    completions = schemas.read_table(run_dir / "sample" / "completions", schemas.COMPLETIONS)
+    prompts = schemas.read_table(run_dir / "sample" / "prompts.parquet", schemas.PROMPTS)
+    scored = schemas.read_table(run_dir / "label" / "scored", schemas.SCORED)
+    pairs = schemas.read_table(run_dir / "label" / "pairs", schemas.PAIRS)
+    reference = schemas.read_table(run_dir / "reference", schemas.REFERENCE)
+    samples = schemas.read_table(run_dir / "evaluate" / "eval_samples", schemas.EVAL_SAMPLES)
+
+    n_train = sum(1 for s in prompts["split"].to_pylist() if s == "train")
+    assert completions.num_rows == n_train * 4  # tiny.yaml: sample.n = 4
+    assert scored.num_rows == completions.num_rows
+    assert reference.num_rows == pairs.num_rows > 0
+    assert sorted(reference["pair_id"].to_pylist()) == sorted(pairs["pair_id"].to_pylist())
+    for row in pairs.to_pylist():
+        assert row["chosen_reward"] > row["rejected_reward"]
+        assert row["chosen"] != row["rejected"]
+    n_eval = sum(1 for s in prompts["split"].to_pylist() if s == "eval")
+    assert samples.num_rows == n_eval * 2 * 2  # two models x evaluate.samples_per_prompt
+    assert set(samples["model"].to_pylist()) == {"policy", "reference"}
+
+
+def test_label_counts_add_up(tiny_run):
+    _, run_dir, _ = tiny_run
+    stats = read_manifest(run_dir / "label")["stats"]
+    # best_vs_worst: every prompt yields a pair or is counted as having none.
+    assert stats["pairs"] + stats["prompts_without_pair"] == stats["prompts"]
+    assert stats["completions"] == read_manifest(run_dir / "sample")["stats"]["completions"]
+
+
+def test_trained_policy_is_a_loadable_hf_folder(tiny_run):
+    from transformers import AutoModelForCausalLM
+
+    _, run_dir, _ = tiny_run
+    policy = run_dir / "train" / "policy"
+    assert (policy / "model.safetensors").is_file() and (policy / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_evaluation_artifacts(tiny_run):
+    _, run_dir, _ = tiny_run
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    for key in ("policy_reward", "reference_reward", "win_rate", "kl", "implicit_accuracy"):
+        assert key in metrics
+    assert 0.0 <= metrics["win_rate"] <= 1.0
+    assert (run_dir / "evaluate" / "reward_vs_kl.png").stat().st_size > 1000
+    assert "reward" in (run_dir / "evaluate" / "examples.md").read_text()
+
+
+def _mlflow_runs(root: Path):
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("dpo-ray")
+    return client, client.search_runs([experiment.experiment_id], max_results=100)
+
+
+def test_mlflow_parent_and_stage_runs(tiny_run):
+    root, run_dir, _ = tiny_run
+    client, runs = _mlflow_runs(root)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.tags["dpo_ray.run_dir"] == str(run_dir)
+    assert parent.data.params["train.beta"] == "0.1"
+    assert "eval/win_rate" in parent.data.metrics
+    children = {r.data.tags["dpo_ray.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == set(STAGES)
+    train_run = children["train"]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens_per_s"):
+        assert key in train_run.data.metrics, key
+    steps = client.get_metric_history(train_run.info.run_id, "loss")
+    assert len(steps) == read_manifest(run_dir / "train")["stats"]["steps"] >= 2
+
+
+def test_rerun_skips_every_stage_and_reuses_parent_run(tiny_run):
+    root, run_dir, _ = tiny_run
+    keys = {s: read_manifest(run_dir / s)["key"] for s in STAGES}
+    second = run_full(root)
+    for stage in STAGES:
+        assert f"[dpo-ray] {stage}: up to date, skipped" in second.stdout
+        assert read_manifest(run_dir / stage)["key"] == keys[stage]
+    _, runs = _mlflow_runs(root)
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
+    assert len(runs) == 1 + len(STAGES)
+
+
+def test_changed_training_config_reruns_only_train_and_evaluate(tiny_run):
+    root, run_dir, _ = tiny_run
+    third = run_full(root, "train.beta=0.2")
+    for stage in ("sample", "label", "reference"):
+        assert f"[dpo-ray] {stage}: up to date, skipped" in third.stdout
+    for stage in ("train", "evaluate"):
+        assert f"[dpo-ray] {stage}: running" in third.stdout
+    assert read_manifest(run_dir / "train")["inputs"]["train"]["beta"] == 0.2
