@@ -17,7 +17,8 @@ import yaml
 from dpo_ray.config import PipelineConfig
 
 RUN_DIR_TAG = "dpo_ray.run_dir"
-_SECRET = re.compile(r"(token|secret|passw|api[_-]?key|access[_-]?key|credential|auth)", re.IGNORECASE)
+_SECRET_WORDS = {"token", "secret", "password", "passwd", "pwd", "credential", "credentials", "apikey"}
+_SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("auth", "token")}
 REDACTED = "***"
 
 
@@ -31,9 +32,15 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def looks_secret(key: str) -> bool:
+    """Whole words only: `hf_token` and `AWS_SECRET_ACCESS_KEY` are secrets, `max_new_tokens` is not."""
+    words = [w for w in re.split(r"[^a-z0-9]+", key.lower()) if w]
+    return bool(_SECRET_WORDS.intersection(words)) or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:]))
+
+
 def redact(tree: dict) -> dict:
     """A copy of a config tree with the values of secret-looking keys replaced."""
-    return {k: redact(v) if isinstance(v, dict) else (REDACTED if _SECRET.search(k) and v is not None else v)
+    return {k: redact(v) if isinstance(v, dict) else (REDACTED if looks_secret(k) and v is not None else v)
             for k, v in tree.items()}
 
 

@@ -5,10 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-# Tiny matrices are dominated by thread-pool overhead on a busy CPU: one thread is orders of magnitude faster
-# here, and it also makes the reductions deterministic.
-torch.set_num_threads(1)
-
 VOCAB = 97
 PAD_ID = 0
 EOS_ID = 2
@@ -46,9 +42,18 @@ def tiny_llama():
 
 @pytest.fixture
 def llama(tiny_llama):
-    """The session model with its gradients cleared after each test."""
-    yield tiny_llama
-    tiny_llama.zero_grad(set_to_none=True)
+    """The session model, run on one torch thread, with its gradients cleared after each test.
+
+    Matrices this small are dominated by thread-pool overhead on a busy CPU (one thread is orders of magnitude
+    faster here); the previous thread count is restored so other tests in the session are unaffected.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield tiny_llama
+    finally:
+        tiny_llama.zero_grad(set_to_none=True)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -75,8 +75,9 @@ SHORT = [5, 6, 7]
 LONG = [8, 9, 10, 11, 12, 13, 14]
 
 
-def run(model, prompts, seeds, max_new=6, temperature=1.0, top_p=1.0, eos=NO_EOS):
-    return sample_tokens(model, prompts, seeds, max_new, temperature, top_p, eos, PAD_ID)
+def run(model, prompts, seeds, max_new=6, temperature=1.0, top_p=1.0, eos=NO_EOS, n=1):
+    return sample_tokens(model, prompts, seeds, n=n, max_new_tokens=max_new, temperature=temperature,
+                         top_p=top_p, eos_ids=eos, pad_id=PAD_ID)
 
 
 def raw_logp(model, prompt, completion):
@@ -94,54 +95,85 @@ def greedy(model, prompt, steps):
     return seq[len(prompt):]
 
 
-def test_deterministic_for_fixed_seeds(tiny_llama):
-    a = run(tiny_llama, [SHORT, LONG], [11, 22])
-    b = run(tiny_llama, [SHORT, LONG], [11, 22])
+def test_deterministic_for_fixed_seeds(llama):
+    a = run(llama, [SHORT, LONG], [11, 22])
+    b = run(llama, [SHORT, LONG], [11, 22])
     assert a == b
-    c = run(tiny_llama, [SHORT, LONG], [12, 22])
+    c = run(llama, [SHORT, LONG], [12, 22])
     assert c[0][0] != a[0][0]  # another seed, another sample
     assert c[1] == a[1]
 
 
-def test_independent_of_batch_composition(tiny_llama):
-    short_alone = run(tiny_llama, [SHORT], [11])[0]
-    long_alone = run(tiny_llama, [LONG], [22])[0]
-    batched = run(tiny_llama, [LONG, SHORT], [22, 11])
+def test_independent_of_batch_composition(llama):
+    short_alone = run(llama, [SHORT], [11])[0]
+    long_alone = run(llama, [LONG], [22])[0]
+    batched = run(llama, [LONG, SHORT], [22, 11])
     assert batched[1][0] == short_alone[0]  # left-padded beside a longer prompt
     assert batched[0][0] == long_alone[0]
     assert batched[1][1] == pytest.approx(short_alone[1], abs=1e-4)
     assert batched[0][1] == pytest.approx(long_alone[1], abs=1e-4)
 
 
-def test_temperature_zero_is_argmax(tiny_llama):
-    out = run(tiny_llama, [SHORT, LONG], [1, 2], max_new=5, temperature=0.0)
+def test_temperature_zero_is_argmax(llama):
+    out = run(llama, [SHORT, LONG], [1, 2], max_new=5, temperature=0.0)
     for (ids, _, finish), prompt in zip(out, [SHORT, LONG]):
-        assert ids == greedy(tiny_llama, prompt, 5)
+        assert ids == greedy(llama, prompt, 5)
         assert finish == "length"
 
 
-def test_tiny_top_p_is_argmax(tiny_llama):
-    out = run(tiny_llama, [SHORT], [3], max_new=5, temperature=1.0, top_p=1e-6)
-    assert out[0][0] == greedy(tiny_llama, SHORT, 5)
+def test_tiny_top_p_is_argmax(llama):
+    out = run(llama, [SHORT], [3], max_new=5, temperature=1.0, top_p=1e-6)
+    assert out[0][0] == greedy(llama, SHORT, 5)
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9), (1.5, 1.0), (0.0, 1.0)])
-def test_logp_is_raw_logsoftmax_of_sampled_tokens(tiny_llama, temperature, top_p):
+def test_logp_is_raw_logsoftmax_of_sampled_tokens(llama, temperature, top_p):
     prompts = [SHORT, LONG, [30]]
-    out = run(tiny_llama, prompts, [5, 6, 7], max_new=6, temperature=temperature, top_p=top_p)
+    out = run(llama, prompts, [5, 6, 7], max_new=6, temperature=temperature, top_p=top_p)
     for prompt, (ids, logp, finish) in zip(prompts, out):
         assert len(ids) == 6 and finish == "length"
-        assert logp == pytest.approx(raw_logp(tiny_llama, prompt, ids), abs=1e-3)
+        assert logp == pytest.approx(raw_logp(llama, prompt, ids), abs=1e-3)
 
 
-def test_eos_stops_one_row_and_not_the_other(tiny_llama):
-    short_greedy = greedy(tiny_llama, SHORT, 6)
-    long_greedy = greedy(tiny_llama, LONG, 6)
+def test_eos_stops_one_row_and_not_the_other(llama):
+    short_greedy = greedy(llama, SHORT, 6)
+    long_greedy = greedy(llama, LONG, 6)
     eos = short_greedy[2]
     assert eos not in short_greedy[:2] and eos not in long_greedy, "pick another prompt for this model"
-    out = run(tiny_llama, [SHORT, LONG], [1, 2], max_new=6, temperature=0.0, eos={eos})
+    out = run(llama, [SHORT, LONG], [1, 2], max_new=6, temperature=0.0, eos={eos})
     (s_ids, s_logp, s_finish), (l_ids, l_logp, l_finish) = out
     assert s_ids == short_greedy[:3] and s_ids[-1] == eos and s_finish == "stop"
     assert l_ids == long_greedy and l_finish == "length"
-    assert s_logp == pytest.approx(raw_logp(tiny_llama, SHORT, s_ids), abs=1e-3)
-    assert l_logp == pytest.approx(raw_logp(tiny_llama, LONG, l_ids), abs=1e-3)
+    assert s_logp == pytest.approx(raw_logp(llama, SHORT, s_ids), abs=1e-3)
+    assert l_logp == pytest.approx(raw_logp(llama, LONG, l_ids), abs=1e-3)
+
+
+def test_n_samples_per_prompt_match_single_rows(llama):
+    # n > 1 prefills each prompt once and repeats its KV cache: every output row must equal the same prompt and
+    # seed sampled on its own, and rows come out prompt-major.
+    seeds = [101, 102, 103, 201, 202, 203]
+    out = run(llama, [SHORT, LONG], seeds, max_new=6, n=3)
+    assert len(out) == 6
+    for k, (prompt, seed) in enumerate(zip([SHORT] * 3 + [LONG] * 3, seeds)):
+        alone = run(llama, [prompt], [seed], max_new=6)[0]
+        assert out[k][0] == alone[0], k
+        assert out[k][1] == pytest.approx(alone[1], abs=1e-4)
+        assert out[k][1] == pytest.approx(raw_logp(llama, prompt, out[k][0]), abs=1e-3)
+    assert len({tuple(ids) for ids, _, _ in out[:3]}) > 1  # distinct seeds give distinct samples
+
+
+def test_n_samples_with_eos(llama):
+    short_greedy = greedy(llama, SHORT, 6)
+    eos = short_greedy[1]
+    assert eos != short_greedy[0]
+    out = run(llama, [SHORT, LONG], [1, 2, 3, 4], max_new=6, temperature=0.0, eos={eos}, n=2)
+    assert [ids for ids, _, _ in out[:2]] == [short_greedy[:2]] * 2
+    assert [finish for _, _, finish in out[:2]] == ["stop", "stop"]
+    long_alone = run(llama, [LONG], [3], max_new=6, temperature=0.0, eos={eos})[0]
+    assert out[2] == out[3]
+    assert out[2][0] == long_alone[0] and out[2][2] == long_alone[2]
+
+
+def test_seed_count_must_match_rows(llama):
+    with pytest.raises(ValueError):
+        run(llama, [SHORT, LONG], [1, 2], n=2)

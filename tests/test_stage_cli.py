@@ -78,3 +78,17 @@ def test_train_and_evaluate_stages_alone(chain):
           "--out", str(root / "e"), *common])
     samples = schemas.read_table(root / "e" / "eval_samples", schemas.EVAL_SAMPLES)
     assert samples.num_rows == 4 * 2 * 2
+
+
+def test_offline_preference_data_feeds_reference_and_train(chain):
+    root, common = chain
+    prefs = ["data.preferences=data/preferences/movie_reviews_hh.jsonl"]
+    main(["label", "--out", str(root / "offline_label"), *common, *prefs])
+    pairs = schemas.read_table(root / "offline_label" / "pairs", schemas.PAIRS)
+    assert pairs.num_rows == 24
+    assert all(p.endswith("Assistant:") for p in pairs["prompt"].to_pylist())
+    assert pairs["chosen_reward"].null_count == 24
+    main(["reference", "--pairs", str(root / "offline_label" / "pairs"), "--out", str(root / "offline_ref"),
+          *common, *prefs])
+    main(["train", "--reference", str(root / "offline_ref"), "--out", str(root / "offline_train"), *common, *prefs])
+    assert read_manifest(root / "offline_train")["stats"]["pairs"] == 24

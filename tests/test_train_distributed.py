@@ -106,3 +106,40 @@ def test_killed_training_resumes_from_its_last_checkpoint(reference_dir, tmp_pat
     assert "resumed from step 10" in log
     assert "step 1/160" not in log
     assert read_manifest(tmp_path / "train")["stats"]["steps"] == 160
+
+
+def _with_infinite_reference(reference_dir: Path, folder: Path, rows: int | None) -> Path:
+    """A copy of the reference Parquet whose first `rows` (all if None) ref_chosen_logps are +inf."""
+    import pyarrow as pa
+
+    table = pq.read_table(reference_dir)
+    n = table.num_rows if rows is None else rows
+    values = [float("inf")] * n + table["ref_chosen_logps"].to_pylist()[n:]
+    index = table.schema.get_field_index("ref_chosen_logps")
+    table = table.set_column(index, "ref_chosen_logps", pa.array(values, pa.float64()))
+    folder.mkdir(parents=True)
+    pq.write_table(table, folder / "part-0.parquet")
+    return folder
+
+
+def test_nonfinite_steps_in_a_row_stop_with_the_documented_message(reference_dir, tmp_path):
+    bad = _with_infinite_reference(reference_dir, tmp_path / "bad", rows=None)
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", "train.max_nonfinite_steps=2"])
+    out = tmp_path / "train"
+    out.mkdir()
+    with pytest.raises(Exception) as err:
+        train.run(cfg, str(bad), str(out), run_key="nonfinite-all", mlflow_run_id=None)
+    assert "2 steps in a row had a non-finite loss or gradient" in str(err.value)
+    assert "train.max_nonfinite_steps" in str(err.value)
+
+
+def test_isolated_nonfinite_steps_are_skipped_and_counted(reference_dir, tmp_path):
+    bad = _with_infinite_reference(reference_dir, tmp_path / "bad", rows=1)
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", "train.max_nonfinite_steps=3"])
+    out = tmp_path / "train"
+    out.mkdir()
+    stats = train.run(cfg, str(bad), str(out), run_key="nonfinite-one", mlflow_run_id=None)
+    # One poisoned pair, seen once per epoch (tiny.yaml: 2 epochs of 4 steps): two skipped steps, run finished.
+    assert stats["steps"] == 8
+    assert stats["nonfinite_steps"] == 2
+    assert (out / "policy" / "model.safetensors").is_file()
