@@ -42,16 +42,6 @@ def pad_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
-def pair_batch(
-    prompts: Sequence[Sequence[int]],
-    chosen: Sequence[Sequence[int]],
-    rejected: Sequence[Sequence[int]],
-    pad_id: int,
-) -> dict[str, torch.Tensor]:
-    """Chosen rows first, then rejected rows, in one (2B, L) batch: one forward pass scores both sides."""
-    return pad_batch(list(prompts) + list(prompts), list(chosen) + list(rejected), pad_id)
-
-
 def _needs_full_logits(model: torch.nn.Module) -> bool:
     # Models that rescale or soft-cap logits after the LM head would be scored wrongly by the head-only path.
     cfg = model.config
@@ -102,3 +92,75 @@ def completion_logps(
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     sums = sums.index_add(0, rows, token_logps)
     return sums, target_mask.sum(-1)
+
+
+def shared_prompt_batch(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[Sequence[int]]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Each prompt once (left-padded, (B, Lp)) and its k completions after it (right-padded, (B*k, Lc))."""
+    ks = {len(group) for group in completions}
+    if len(ks) != 1 or len(completions) != len(prompts):
+        raise ValueError("every prompt needs the same number of completions")
+    prompt = pad_batch(prompts, [[] for _ in prompts], pad_id, side="left")
+    flat = [c for group in completions for c in group]
+    completion = pad_batch([[] for _ in flat], flat, pad_id, side="right")
+    return {"prompt_ids": prompt["input_ids"], "prompt_mask": prompt["attention_mask"],
+            "completion_ids": completion["input_ids"], "completion_mask": completion["completion_mask"]}
+
+
+def shared_prompt_logps(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `completion_logps`, but the prompt is run once and its KV cache reused by its k completions.
+
+    prompt_ids/mask (B, Lp), completion_ids/mask (B*k, Lc) -> (sums (B*k,) fp32, counts (B*k,)). Chosen and
+    rejected share their prompt, so a pair costs prompt + 2 completions instead of 2 x (prompt + completion).
+    """
+    if _needs_full_logits(model):
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
+        k = completion_ids.shape[0] // len(prompts)
+        completions = [row[mask.bool()].tolist() for row, mask in zip(completion_ids, completion_mask)]
+        batch = pad_batch([p for p in prompts for _ in range(k)], completions, 0)
+        return completion_logps(model, **{name: t.to(prompt_ids.device) for name, t in batch.items()},
+                                chunk_size=chunk_size)
+    b, k = prompt_ids.shape[0], completion_ids.shape[0] // prompt_ids.shape[0]
+    decoder = model.get_decoder()
+    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True)
+    cache, last = out.past_key_values, out.last_hidden_state[:, -1]
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+        last = last.repeat_interleave(k, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(k, dim=0)
+    positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(completion_ids.shape[1], device=prompt_ids.device)
+    hidden = decoder(
+        input_ids=completion_ids, attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+        position_ids=positions, past_key_values=cache, use_cache=True,
+    ).last_hidden_state
+    # Completion token t is predicted from the state before it: the prompt's last state for t = 0.
+    predictors = torch.cat([last.unsqueeze(1), hidden[:, :-1]], dim=1)
+    mask = completion_mask.bool()
+    token_logps = selective_log_softmax(predictors[mask], model.get_output_embeddings(), completion_ids[mask], chunk_size)
+    rows = torch.arange(b * k, device=prompt_ids.device).unsqueeze(1).expand_as(mask)[mask]
+    sums = torch.zeros(b * k, dtype=torch.float32, device=prompt_ids.device).index_add(0, rows, token_logps)
+    return sums, mask.sum(-1)
+
+
+class SequenceScorer(torch.nn.Module):
+    """The policy as one module whose forward returns summed completion log-probs.
+
+    Wrapping DDP or DeepSpeed around this (not around the bare LM) keeps gradient synchronisation and ZeRO
+    parameter gathering on the path that actually computes the loss.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return shared_prompt_logps(self.lm, **batch)

@@ -122,9 +122,10 @@ def check_schema(table_or_schema: pa.Table | pa.Schema, schema: pa.Schema, where
 
 def read_table(path: str | Path, schema: pa.Schema, columns: Sequence[str] | None = None) -> pa.Table:
     """Read a Parquet file or folder of part files, checked against `schema`; optionally only `columns`."""
-    if Path(path).is_dir() and not any(Path(path).glob("*.parquet")):
+    files = sorted(str(p) for p in Path(path).glob("*.parquet")) if Path(path).is_dir() else [str(path)]
+    if not files:
         raise SchemaError(f"{path}: no Parquet files (the stage wrote no rows)")
-    dataset = pq.ParquetDataset(path)
+    dataset = pq.ParquetDataset(files)
     check_schema(dataset.schema, schema, path)
     names = list(columns or schema.names)
     return dataset.read(columns=names).cast(pa.schema([schema.field(n) for n in names]))

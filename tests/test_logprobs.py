@@ -1,11 +1,18 @@
-"""completion_logps / pad_batch / pair_batch / selective_log_softmax on a tiny random Llama."""
+"""completion_logps / shared_prompt_logps / pad_batch / selective_log_softmax on a tiny random Llama."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dpo_ray.logprobs import completion_logps, pad_batch, pair_batch, selective_log_softmax
+from dpo_ray.logprobs import (
+    SequenceScorer,
+    completion_logps,
+    pad_batch,
+    selective_log_softmax,
+    shared_prompt_batch,
+    shared_prompt_logps,
+)
 
 from conftest import PAD_ID, VOCAB
 
@@ -119,21 +126,41 @@ def test_selective_log_softmax_chunks_equal_full(llama):
     assert empty.shape == (0,)
 
 
-def test_pair_batch_chosen_rows_first(llama):
-    prompts = [[5, 6], [7, 8, 9]]
-    chosen = [[10, 11], [12]]
-    rejected = [[13], [14, 15, 16]]
-    b = pair_batch(prompts, chosen, rejected, PAD_ID)
-    expected = pad_batch(prompts + prompts, chosen + rejected, PAD_ID)
-    for key in ("input_ids", "attention_mask", "completion_mask"):
-        assert torch.equal(b[key], expected[key]), key
-    assert b["input_ids"][0, :4].tolist() == [5, 6, 10, 11]
-    assert b["input_ids"][2, :3].tolist() == [5, 6, 13]
-    sums, counts = completion_logps(llama, **b)
-    assert counts.tolist() == [2, 1, 1, 3]
-    torch.testing.assert_close(
-        sums.detach(), slow_reference(llama, prompts + prompts, chosen + rejected), atol=1e-4, rtol=0
-    )
+def test_shared_prompt_batch_layout():
+    b = shared_prompt_batch([[5, 6], [7, 8, 9]], [[[10, 11], [13]], [[12], [14, 15, 16]]], pad_id=0)
+    assert b["prompt_ids"].tolist() == [[0, 5, 6], [7, 8, 9]]
+    assert b["prompt_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
+    # k completions per prompt, in prompt order: chosen then rejected for a pair.
+    assert b["completion_ids"].tolist() == [[10, 11, 0], [13, 0, 0], [12, 0, 0], [14, 15, 16]]
+    assert b["completion_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 1, 1]]
+    with pytest.raises(ValueError):
+        shared_prompt_batch([[1], [2]], [[[3], [4]], [[5]]], pad_id=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_shared_prompt_matches_slow_reference(llama, k):
+    groups = [[COMPLETIONS[(i + j) % len(COMPLETIONS)] for j in range(k)] for i in range(len(PROMPTS))]
+    with torch.no_grad():
+        sums, counts = shared_prompt_logps(llama, **shared_prompt_batch(PROMPTS, groups, PAD_ID))
+    flat_prompts = [p for p in PROMPTS for _ in range(k)]
+    flat = [c for g in groups for c in g]
+    torch.testing.assert_close(sums, slow_reference(llama, flat_prompts, flat), atol=1e-4, rtol=0)
+    assert counts.tolist() == [len(c) for c in flat]
+
+
+def test_sequence_scorer_gradients_are_finite_and_match(llama):
+    groups = [[COMPLETIONS[i], COMPLETIONS[-1 - i]] for i in range(len(PROMPTS))]
+    batch = shared_prompt_batch(PROMPTS, groups, PAD_ID)
+    llama.zero_grad(set_to_none=True)
+    sums, _ = SequenceScorer(llama)(**batch)
+    sums.sum().backward()
+    shared = {n: p.grad.clone() for n, p in llama.named_parameters()}
+    llama.zero_grad(set_to_none=True)
+    flat_prompts = [p for p in PROMPTS for _ in range(2)]
+    completion_logps(llama, **pad_batch(flat_prompts, [c for g in groups for c in g], PAD_ID))[0].sum().backward()
+    for name, p in llama.named_parameters():
+        assert torch.isfinite(shared[name]).all(), name
+        torch.testing.assert_close(shared[name], p.grad, atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -16,13 +16,14 @@ import torch
 
 from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
-from dpo_ray.logprobs import completion_logps, pad_batch
+from dpo_ray.logprobs import shared_prompt_batch, shared_prompt_logps
 from dpo_ray.models import load_causal_lm, load_tokenizer, set_torch_threads
 
 
 class LogProbScorer:
     """Ray Data callable: appends, for each (token-id column -> output column), the summed completion log-prob
-    of `prompt_ids` + that column under one model. Rows are length-sorted into forward batches to cut padding."""
+    of `prompt_ids` + that column under one model. A row's completions share one prompt forward (its KV cache);
+    rows are length-sorted into forward batches to cut padding."""
 
     def __init__(self, cfg: dict, model_spec: str, columns: dict[str, str]):
         self.cfg = PipelineConfig.model_validate(cfg)
@@ -35,19 +36,18 @@ class LogProbScorer:
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts = batch["prompt_ids"].to_pylist()
-        jobs = [(col, row, prompts[row], ids) for col in self.columns
-                for row, ids in enumerate(batch[col].to_pylist())]
-        jobs.sort(key=lambda job: len(job[2]) + len(job[3]))
-        results = {col: [math.nan] * batch.num_rows for col in self.columns}
+        completions = list(zip(*(batch[col].to_pylist() for col in self.columns)))
+        order = sorted(range(batch.num_rows), key=lambda r: len(prompts[r]) + max(map(len, completions[r])))
+        results = [[math.nan] * len(self.columns) for _ in range(batch.num_rows)]
         size = self.cfg.reference.batch_size
-        for start in range(0, len(jobs), size):
-            chunk = jobs[start : start + size]
-            tensors = pad_batch([j[2] for j in chunk], [j[3] for j in chunk], self.pad_id)
-            sums, _ = completion_logps(self.model, **tensors)
-            for (col, row, _, _), value in zip(chunk, sums.tolist()):
-                results[col][row] = value
-        for col, out in self.columns.items():
-            batch = batch.append_column(out, pa.array(results[col], pa.float64()))
+        for start in range(0, len(order), size):
+            rows = order[start : start + size]
+            tensors = shared_prompt_batch([prompts[r] for r in rows], [completions[r] for r in rows], self.pad_id)
+            sums, _ = shared_prompt_logps(self.model, **tensors)
+            for i, r in enumerate(rows):
+                results[r] = sums[i * len(self.columns) : (i + 1) * len(self.columns)].tolist()
+        for index, out in enumerate(self.columns.values()):
+            batch = batch.append_column(out, pa.array([r[index] for r in results], pa.float64()))
         return batch
 
 

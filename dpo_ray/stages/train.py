@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dpo_ray.config import PipelineConfig, TrainConfig
-from dpo_ray.logprobs import completion_logps, pair_batch
+from dpo_ray.logprobs import SequenceScorer, shared_prompt_batch
 from dpo_ray.losses import DPOOutput, dpo_objective, reward_metrics
 from dpo_ray.models import load_causal_lm, load_tokenizer, set_torch_threads
 
@@ -37,22 +37,24 @@ class NonFiniteError(RuntimeError):
 
 
 def dpo_forward(model, rows: dict[str, list], pad_id: int, t: TrainConfig) -> tuple[DPOOutput, dict, int]:
-    """One forward of B pairs (chosen and rejected concatenated into 2B rows) and the DPO objective.
+    """One forward of B pairs and the DPO objective; `model` is a (wrapped) `SequenceScorer`.
 
     rows: prompt_ids, chosen_ids, rejected_ids (lists of B token lists); ref_chosen_logps, ref_rejected_logps (B).
-    Returns the loss output, the TRL-named metrics and the number of non-padding tokens processed.
+    Each prompt runs once and both of its completions continue from its KV cache. Returns the loss output, the
+    TRL-named metrics and the pair tokens (prompt+chosen and prompt+rejected, the prompt counted twice, as a
+    trainer without prompt sharing would process them).
     """
-    batch = pair_batch(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], pad_id)
+    batch = shared_prompt_batch(rows["prompt_ids"], list(zip(rows["chosen_ids"], rows["rejected_ids"])), pad_id)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    logps, counts = completion_logps(model, **batch)
-    b = len(rows["prompt_ids"])
-    chosen, rejected = logps[:b], logps[b:]
+    logps, counts = model(**batch)
+    chosen, rejected = logps[0::2], logps[1::2]
     ref_chosen = torch.as_tensor(np.asarray(rows["ref_chosen_logps"], dtype=np.float32), device=device)
     ref_rejected = torch.as_tensor(np.asarray(rows["ref_rejected_logps"], dtype=np.float32), device=device)
-    out = dpo_objective(chosen, rejected, ref_chosen, ref_rejected, counts[:b], t.beta, t.loss,
+    out = dpo_objective(chosen, rejected, ref_chosen, ref_rejected, counts[0::2], t.beta, t.loss,
                         t.label_smoothing, t.rpo_alpha)
-    return out, reward_metrics(out, chosen, rejected), int(batch["attention_mask"].sum())
+    pair_tokens = 2 * int(batch["prompt_mask"].sum()) + int(batch["completion_mask"].sum())
+    return out, reward_metrics(out, chosen, rejected), pair_tokens
 
 
 def _lists(batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -84,12 +86,12 @@ def _zero_loss(model) -> torch.Tensor:
 
 
 class _DDP:
-    def __init__(self, model, t: TrainConfig, world: int):
+    def __init__(self, scorer: SequenceScorer, t: TrainConfig, world: int):
         self.t = t
-        self.raw = model
-        self.optimizer = _make_optimizer(model, t)
+        self.raw = scorer.lm
+        self.optimizer = _make_optimizer(scorer, t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup(t))
-        self.model = ray.train.torch.prepare_model(model) if world > 1 else model
+        self.model = ray.train.torch.prepare_model(scorer) if world > 1 else scorer
 
     def no_sync(self, skip: bool):
         return self.model.no_sync() if skip and hasattr(self.model, "no_sync") else contextlib.nullcontext()
@@ -126,11 +128,11 @@ class _DDP:
 
 
 class _DeepSpeed:
-    def __init__(self, model, t: TrainConfig, world: int, dtype: str, micro: int, accumulation: int):
+    def __init__(self, scorer: SequenceScorer, t: TrainConfig, world: int, dtype: str, micro: int, accumulation: int):
         import deepspeed
 
         self.t = t
-        optimizer = _make_optimizer(model, t)
+        optimizer = _make_optimizer(scorer, t)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(t))
         config = {
             "train_micro_batch_size_per_gpu": micro,
@@ -144,8 +146,8 @@ class _DeepSpeed:
         if t.max_grad_norm:
             config["gradient_clipping"] = t.max_grad_norm
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-        self.raw = self.model.module
+            model=scorer, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        self.raw = self.model.module.lm
 
     def no_sync(self, skip: bool):
         return contextlib.nullcontext()
@@ -202,14 +204,13 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.run.seed)
     device = ray.train.torch.get_device()
     tokenizer = load_tokenizer(config["init_model"], cfg.model.trust_remote_code)
-    model = load_causal_lm(config["init_model"], cfg.model.dtype, device, cfg.model.trust_remote_code)
-    model.config.use_cache = False
+    scorer = SequenceScorer(load_causal_lm(config["init_model"], cfg.model.dtype, device, cfg.model.trust_remote_code))
     per_worker = t.batch_size // world
     accumulation = per_worker // t.micro_batch_size
     if t.strategy == "deepspeed":
-        engine = _DeepSpeed(model, t, world, cfg.model.dtype, t.micro_batch_size, accumulation)
+        engine = _DeepSpeed(scorer, t, world, cfg.model.dtype, t.micro_batch_size, accumulation)
     else:
-        engine = _DDP(model, t, world)
+        engine = _DDP(scorer, t, world)
     engine.model.train()
 
     state = {"step": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0, "tokens": 0}
