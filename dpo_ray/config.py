@@ -149,6 +149,18 @@ class EvaluateConfig(_Section):
     num_examples: int = Field(8, ge=0)
 
 
+class RoundsConfig(_Section):
+    """Iterative DPO: round k samples from round k-1's policy, labels, scores the reference, trains, evaluates."""
+
+    count: int = Field(1, ge=1)
+    # The reference of round k: the initial model, or round k-1's policy.
+    reference: Literal["initial", "previous"] = "initial"
+    # Round k's training starts from round k-1's policy, or again from the initial model.
+    init: Literal["previous", "initial"] = "previous"
+    # Per-round config changes, e.g. {2: {label: {labeler: implicit}}} for self-labeling from round 2 on.
+    overrides: dict[int, dict] = {}
+
+
 class PipelineConfig(_Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -158,6 +170,7 @@ class PipelineConfig(_Section):
     reference: ReferenceConfig = ReferenceConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    rounds: RoundsConfig = RoundsConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
@@ -168,6 +181,11 @@ class PipelineConfig(_Section):
                 raise ValueError("sample.n: must be at least 2 to build preference pairs")
         if self.evaluate.labeler is None and self.label.labeler == "implicit":
             raise ValueError("evaluate.labeler: required when label.labeler is implicit (sentiment or reward_model)")
+        lab = self.label
+        if lab.labeler == "implicit" and (lab.implicit_policy or self.model.policy) == (
+                lab.implicit_reference or self.reference_model):
+            raise ValueError("label.implicit_policy: the implicit labeler needs a policy that differs from its "
+                             "reference (use it from round 2 on via rounds.overrides, or set implicit_policy)")
         if self.evaluate.labeler == "reward_model" and not self.label.reward_model:
             raise ValueError("label.reward_model: required when evaluate.labeler is reward_model")
         return self
@@ -227,9 +245,36 @@ def _one_line(err: ValidationError) -> str:
 
 def build_config(tree: dict) -> PipelineConfig:
     try:
-        return PipelineConfig.model_validate(tree)
+        cfg = PipelineConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_one_line(err)) from None
+    # Every round's config must be valid too: check them all before any work starts.
+    for k in cfg.rounds.overrides:
+        if not 1 <= k <= cfg.rounds.count:
+            raise ConfigError(f"rounds.overrides.{k}: round {k} is outside 1..rounds.count ({cfg.rounds.count})")
+    for k in range(1, cfg.rounds.count + 1) if cfg.rounds.count > 1 else ():
+        try:
+            PipelineConfig.model_validate(_round_tree(cfg, k, f"<round {k - 1} policy>" if k > 1 else None))
+        except ValidationError as err:
+            raise ConfigError(f"round {k}: {_one_line(err)}") from None
+    return cfg
+
+
+def _round_tree(cfg: PipelineConfig, k: int, previous_policy: str | None) -> dict:
+    tree = _merge(cfg.model_dump(mode="json"), cfg.rounds.overrides.get(k, {}))
+    tree["rounds"] = RoundsConfig().model_dump(mode="json")
+    if previous_policy is not None:
+        tree["model"]["reference"] = cfg.reference_model if cfg.rounds.reference == "initial" else previous_policy
+        tree["model"]["policy"] = previous_policy
+        if cfg.rounds.init == "initial":
+            tree["train"]["init_from"] = cfg.model.policy
+        tree["run"]["seed"] = cfg.run.seed + k - 1
+    return tree
+
+
+def round_config(cfg: PipelineConfig, k: int, previous_policy: str | None) -> PipelineConfig:
+    """The config of round k: its overrides applied, sampling from (and training on) the previous policy."""
+    return build_config(_round_tree(cfg, k, previous_policy))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:

@@ -16,10 +16,10 @@ from typing import Callable
 import ray
 
 from dpo_ray import artifacts
-from dpo_ray.config import PipelineConfig
+from dpo_ray.config import PipelineConfig, round_config
 from dpo_ray.models import model_fingerprint, resolve_model
 from dpo_ray.stages import evaluate, label, reference, sample, train
-from dpo_ray.tracking import Tracker
+from dpo_ray.tracking import Tracker, numeric
 
 _FORWARDED_ENV = ("DPO_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "MLFLOW_TRACKING_URI")
 
@@ -78,8 +78,64 @@ class StageRunner:
         return {"stage": name, "key": key, "inputs": inputs, "stats": stats, "seconds": time.time() - started}
 
 
+def run_round(cfg: PipelineConfig, out: Path, stage: StageRunner, baseline: str) -> dict:
+    """sample -> label -> reference -> train -> evaluate into `out`; the policy is judged against `baseline`.
+
+    Returns {"policy": path, "metrics": evaluation metrics, "label": label stats}.
+    """
+    d, m = cfg.data, cfg.model
+    common = {"seed": cfg.run.seed, "dtype": m.dtype, "policy": model_fingerprint(m.policy)}
+    limits = {k: getattr(d, k) for k in ("max_prompt_tokens", "max_completion_tokens", "prompt_truncation", "system_prompt")}
+    if d.preferences:
+        labeled = stage("label", out / "label",
+                        {**common, "preferences": source_digest(d.preferences), "limits": limits,
+                         "on_bad_rows": d.on_bad_rows},
+                        lambda tmp, _run, _key: label.import_preferences(cfg, str(tmp)))
+        prompts_path = None
+    else:
+        sampled = stage("sample", out / "sample",
+                        {**common, "prompts": source_digest(d.prompts), "data": d.model_dump(),
+                         "sample": cfg.sample.model_dump()},
+                        lambda tmp, _run, _key: sample.run(cfg, str(tmp)))
+        prompts_path = out / "sample" / "prompts.parquet"
+        labeled = stage("label", out / "label",
+                        {"completions": sampled["output_digest"], "label": cfg.label.model_dump(),
+                         "labeler_models": _labeler_fingerprints(cfg)},
+                        lambda tmp, _run, _key: label.run(cfg, str(out / "sample" / "completions"), str(tmp)))
+    referenced = stage("reference", out / "reference",
+                       {"pairs": labeled["output_digest"], "reference": model_fingerprint(cfg.reference_model),
+                        "dtype": m.dtype, "limits": limits},
+                       lambda tmp, _run, _key: reference.run(cfg, str(out / "label" / "pairs"), str(tmp)))
+    trained = stage("train", out / "train",
+                    {**common, "reference": referenced["output_digest"], "train": cfg.train.model_dump(),
+                     "init": model_fingerprint(cfg.train.init_from) if cfg.train.init_from else None},
+                    lambda tmp, run_id, key: train.run(cfg, str(out / "reference"), str(tmp), key, run_id))
+    policy_path = str(out / "train" / train.POLICY_DIR)
+
+    def evaluate_fn(tmp: Path, _run, _key) -> dict:
+        path = prompts_path
+        if path is None:
+            if not d.prompts:
+                raise ValueError("data.prompts: evaluation of an offline run needs held-out prompts")
+            sample.prepare_prompts(cfg, tmp)
+            path = tmp / "prompts.parquet"
+        return evaluate.run(cfg, str(path), policy_path, str(tmp), baseline)
+
+    evaluated = stage("evaluate", out / "evaluate",
+                      {"policy": trained["output_digest"], "baseline": model_fingerprint(baseline),
+                       "prompts": source_digest(d.prompts) if d.prompts else None, "seed": cfg.run.seed,
+                       "evaluate": cfg.evaluate.model_dump(), "sample": cfg.sample.model_dump(),
+                       "labeler": cfg.label.model_dump(), "beta": cfg.train.beta},
+                      evaluate_fn)
+    return {"policy": policy_path, "metrics": evaluated["stats"], "label": labeled["stats"]}
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    """One round of on-policy (or, with data.preferences, offline) DPO; returns the evaluation metrics."""
+    """rounds.count rounds of on-policy (or, with data.preferences, offline) DPO; returns the last metrics.
+
+    One round writes `<run dir>/<stage>/`; several write `<run dir>/round_<k>/<stage>/`, round k sampling from
+    round k-1's policy. Every round is evaluated against the initial reference model.
+    """
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
@@ -88,59 +144,59 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         resolve_model(spec)
     tracker = Tracker(cfg)
     stage = StageRunner(cfg, tracker)
-    d, m = cfg.data, cfg.model
-    common = {"seed": cfg.run.seed, "dtype": m.dtype, "policy": model_fingerprint(m.policy)}
-    limits = {k: getattr(d, k) for k in ("max_prompt_tokens", "max_completion_tokens", "prompt_truncation", "system_prompt")}
+    baseline = cfg.reference_model
+    rounds: list[dict] = []
     with tracker.parent() as parent:
-        if d.preferences:
-            labeled = stage("label", run_dir / "label",
-                            {**common, "preferences": source_digest(d.preferences), "limits": limits,
-                             "on_bad_rows": d.on_bad_rows},
-                            lambda out, _run, _key: label.import_preferences(cfg, str(out)))
-            prompts_path = None
-        else:
-            sampled = stage("sample", run_dir / "sample",
-                            {**common, "prompts": source_digest(d.prompts), "data": d.model_dump(),
-                             "sample": cfg.sample.model_dump()},
-                            lambda out, _run, _key: sample.run(cfg, str(out)))
-            prompts_path = run_dir / "sample" / "prompts.parquet"
-            labeled = stage("label", run_dir / "label",
-                            {"completions": sampled["output_digest"], "label": cfg.label.model_dump(),
-                             "labeler_models": _labeler_fingerprints(cfg)},
-                            lambda out, _run, _key: label.run(cfg, str(run_dir / "sample" / "completions"), str(out)))
-        referenced = stage("reference", run_dir / "reference",
-                           {"pairs": labeled["output_digest"], "reference": model_fingerprint(cfg.reference_model),
-                            "dtype": m.dtype, "limits": limits},
-                           lambda out, _run, _key: reference.run(cfg, str(run_dir / "label" / "pairs"), str(out)))
-        trained = stage("train", run_dir / "train",
-                        {**common, "reference": referenced["output_digest"], "train": cfg.train.model_dump(),
-                         "init": model_fingerprint(cfg.train.init_from) if cfg.train.init_from else None},
-                        lambda out, run_id, key: train.run(cfg, str(run_dir / "reference"), str(out), key, run_id))
-        policy_path = str(run_dir / "train" / train.POLICY_DIR)
-
-        def evaluate_fn(out: Path, _run, _key) -> dict:
-            path = prompts_path
-            if path is None:
-                if not d.prompts:
-                    raise ValueError("data.prompts: evaluation of an offline run needs held-out prompts")
-                sample.prepare_prompts(cfg, out)
-                path = out / "prompts.parquet"
-            return evaluate.run(cfg, str(path), policy_path, str(out))
-
-        evaluated = stage("evaluate", run_dir / "evaluate",
-                          {"policy": trained["output_digest"], "reference": model_fingerprint(cfg.reference_model),
-                           "prompts": source_digest(d.prompts) if d.prompts else None, "seed": cfg.run.seed,
-                           "evaluate": cfg.evaluate.model_dump(), "sample": cfg.sample.model_dump(),
-                           "labeler": cfg.label.model_dump(), "beta": cfg.train.beta},
-                          evaluate_fn)
-        metrics = evaluated["stats"]
-        tracker.mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        previous = None
+        for k in range(1, cfg.rounds.count + 1):
+            cfg_k = round_config(cfg, k, previous)
+            if cfg.rounds.count == 1:
+                result = run_round(cfg_k, run_dir, stage, baseline)
+            else:
+                print(f"[dpo-ray] round {k}/{cfg.rounds.count}", flush=True)
+                with tracker.child(f"round_{k}"):
+                    result = run_round(cfg_k, run_dir / f"round_{k}", stage, baseline)
+                    tracker.mlflow.log_metrics(numeric(result["metrics"]))
+            rounds.append({"round": k, **result})
+            previous = result["policy"]
+        evaluate_dir = run_dir / ("evaluate" if cfg.rounds.count == 1 else f"round_{cfg.rounds.count}/evaluate")
+        metrics = rounds[-1]["metrics"]
+        tracker.mlflow.log_metrics({f"eval/{k}": v for k, v in numeric(metrics).items()})
         for name in ("reward_vs_kl.png", "examples.md", "metrics.json"):
-            tracker.mlflow.log_artifact(str(run_dir / "evaluate" / name))
-        summary = {"run_dir": str(run_dir), "policy": policy_path, "mlflow_run_id": parent.info.run_id,
-                   "tracking_uri": tracker.uri, "metrics": metrics}
+            tracker.mlflow.log_artifact(str(evaluate_dir / name))
+        if cfg.rounds.count > 1:
+            table = write_round_report(rounds, run_dir)
+            for name in ("rounds.json", "rounds.md", "rounds.png"):
+                tracker.mlflow.log_artifact(str(run_dir / name))
+            print("\n" + table)
+        summary = {"run_dir": str(run_dir), "policy": rounds[-1]["policy"], "mlflow_run_id": parent.info.run_id,
+                   "tracking_uri": tracker.uri, "metrics": metrics, "rounds": len(rounds)}
     _print_summary(summary)
     return summary
+
+
+def write_round_report(rounds: list[dict], run_dir: Path) -> str:
+    """rounds.json, rounds.md (the table, also returned) and rounds.png: each round against the initial model."""
+    rows = []
+    for r in rounds:
+        m, lab = r["metrics"], r["label"]
+        rows.append({"round": r["round"], "policy_reward": m["policy_reward"], "initial_reward": m["reference_reward"],
+                     "win_rate_vs_initial": m["win_rate"], "kl_to_initial": m["kl"], "pairs": lab.get("pairs"),
+                     "tie_rate": lab.get("ties_dropped", 0) / max(lab.get("prompts", 0), 1)})
+    artifacts.write_json_atomic(run_dir / "rounds.json", {"rounds": rows})
+    header = "| round | policy reward | initial reward | win rate vs initial | KL to initial | pairs | tie rate |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['round']} | {r['policy_reward']:+.3f} | {r['initial_reward']:+.3f} | "
+              f"{r['win_rate_vs_initial']:.1%} | {r['kl_to_initial']:.2f} | {r['pairs']} | {r['tie_rate']:.1%} |"
+              for r in rows]
+    table = "\n".join(lines)
+    (run_dir / "rounds.md").write_text(table + "\n")
+    evaluate.plot_reward_vs_kl(
+        [{"label": "initial", "kl": 0.0, "reward": rows[0]["initial_reward"]}]
+        + [{"label": f"round {r['round']}", "kl": r["kl_to_initial"], "reward": r["policy_reward"]} for r in rows],
+        run_dir / "rounds.png", "round over round, against the initial model",
+    )
+    return table
 
 
 def _labeler_fingerprints(cfg: PipelineConfig) -> dict:
@@ -155,10 +211,10 @@ def _labeler_fingerprints(cfg: PipelineConfig) -> dict:
 
 def _print_summary(summary: dict) -> None:
     m = summary["metrics"]
-    print("\n[dpo-ray] round finished")
+    print(f"\n[dpo-ray] finished ({summary['rounds']} round{'s' if summary['rounds'] > 1 else ''})")
     print(f"  run dir:        {summary['run_dir']}")
     print(f"  trained policy: {summary['policy']}")
-    print(f"  held-out reward: policy {m['policy_reward']:+.3f} vs reference {m['reference_reward']:+.3f}; "
+    print(f"  held-out reward (last round): policy {m['policy_reward']:+.3f} vs reference {m['reference_reward']:+.3f}; "
           f"win rate {m['win_rate']:.1%}; KL {m['kl']:.2f} nats; implicit accuracy {m['implicit_accuracy']:.1%}")
     print(f"  MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
     if summary["tracking_uri"].startswith("sqlite:///"):

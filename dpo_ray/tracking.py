@@ -68,7 +68,6 @@ class Tracker:
         self.uri = tracking_uri(cfg)
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(cfg.run.experiment)
-        self.parent_id: str | None = None
 
     def _existing_parent(self) -> str | None:
         found = self.mlflow.search_runs(
@@ -82,7 +81,6 @@ class Tracker:
         """The pipeline's parent run: created once per run dir, reused (not duplicated) on every rerun."""
         run_id = self._existing_parent()
         with self.mlflow.start_run(run_id=run_id, run_name=None if run_id else self.cfg.run.name) as run:
-            self.parent_id = run.info.run_id
             if run_id is None:
                 self.mlflow.set_tag(RUN_DIR_TAG, str(self.cfg.run_dir))
                 params = flatten(redact(self.cfg.model_dump(mode="json")))
@@ -93,10 +91,23 @@ class Tracker:
 
     @contextmanager
     def stage(self, name: str):
-        with self.mlflow.start_run(run_name=name, nested=self.parent_id is not None,
-                                   parent_run_id=self.parent_id) as run:
+        """A run for one stage execution, nested under the active run (the pipeline's or its round's)."""
+        with self.mlflow.start_run(run_name=name, nested=self.mlflow.active_run() is not None) as run:
             self.mlflow.set_tag("dpo_ray.stage", name)
             yield run.info.run_id
+
+    @contextmanager
+    def child(self, name: str):
+        """A nested run under the active one, reused by name on rerun (a round of a multi-round run)."""
+        parent = self.mlflow.active_run().info.run_id
+        found = self.mlflow.search_runs(
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`dpo_ray.child` = '{name}'",
+            max_results=1, output_format="list",
+        )
+        run_id = found[0].info.run_id if found else None
+        with self.mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=True) as run:
+            self.mlflow.set_tag("dpo_ray.child", name)
+            yield run
 
     def log_stage(self, stats: dict, folder: Path) -> None:
         self.mlflow.log_metrics(numeric(stats))
@@ -105,5 +116,5 @@ class Tracker:
                 self.mlflow.log_artifact(str(path))
 
     def log_skip(self, name: str) -> None:
-        if self.parent_id:
+        if self.mlflow.active_run():
             self.mlflow.set_tag(f"dpo_ray.skipped.{name}", "manifest matched")

@@ -9,7 +9,10 @@ With no --config it runs the embedded default: SmolLM2-135M-Instruct taught to w
 import sys
 from pathlib import Path
 
-from dpo_ray.cli import main
+# Importable from a plain checkout too (e.g. a Ray job's working dir), not only from an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dpo_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     args = sys.argv[1:]

@@ -133,7 +133,8 @@ def test_reward_model_labeler_needs_path():
 
 def test_implicit_labeler_needs_evaluate_labeler():
     assert "evaluate.labeler" in config_error(["label.labeler=implicit"])
-    cfg = load_config(None, ["label.labeler=implicit", "evaluate.labeler=sentiment"])
+    cfg = load_config(None, ["label.labeler=implicit", "evaluate.labeler=sentiment",
+                             "label.implicit_policy=/models/a-policy"])
     assert cfg.evaluate.labeler == "sentiment"
     assert "label.reward_model" in config_error(["evaluate.labeler=reward_model"])
 
@@ -159,3 +160,33 @@ def test_dump_config_round_trips(tmp_path):
     path = tmp_path / "dumped.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
+
+
+def test_implicit_labeler_needs_a_policy_other_than_its_reference():
+    message = config_error(["label.labeler=implicit", "evaluate.labeler=sentiment"])
+    assert message.startswith("label.implicit_policy:") and "\n" not in message
+
+
+def test_round_overrides_are_validated_up_front():
+    assert config_error(["rounds.count=2", "rounds.overrides={2: {train: {betta: 1}}}"]) == "round 2: train.betta: unknown key"
+    assert "rounds.overrides.3" in config_error(["rounds.count=2", "rounds.overrides={3: {}}"])
+    # Self-labeling from round 2 on is valid: round 2's policy (round 1's output) differs from the reference.
+    cfg = load_config(None, ["rounds.count=3", "evaluate.labeler=sentiment",
+                             "rounds.overrides={2: {label: {labeler: implicit}}, 3: {label: {labeler: implicit}}}"])
+    assert cfg.rounds.count == 3
+
+
+def test_round_config_samples_from_the_previous_policy():
+    from dpo_ray.config import round_config
+
+    base = load_config(None, ["rounds.count=2", "rounds.overrides={2: {train: {beta: 0.3}}}"])
+    first = round_config(base, 1, None)
+    assert first.model.policy == base.model.policy and first.train.beta == base.train.beta
+    second = round_config(base, 2, "/runs/x/round_1/train/policy")
+    assert second.model.policy == "/runs/x/round_1/train/policy"
+    assert second.reference_model == base.model.policy  # rounds.reference: initial
+    assert second.train.beta == 0.3 and second.train.init_from is None
+    assert second.run.seed == base.run.seed + 1
+    previous_ref = load_config(None, ["rounds.count=2", "rounds.reference=previous", "rounds.init=initial"])
+    second = round_config(previous_ref, 2, "/p1")
+    assert second.reference_model == "/p1" and second.train.init_from == base.model.policy

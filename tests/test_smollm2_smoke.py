@@ -30,6 +30,6 @@ def test_default_config_runs_on_smollm2_with_tiny_settings(tmp_path):
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     # A real instruct model writes real reviews: the reference's completions carry real sentiment.
     assert metrics["reference_completion_tokens"] > 4
-    assert "round finished" in proc.stdout
+    assert "[dpo-ray] finished (1 round)" in proc.stdout
     config = json.loads((run_dir / "train" / "policy" / "config.json").read_text())
     assert config["num_hidden_layers"] == 30 and config["hidden_size"] == 576

@@ -113,9 +113,10 @@ def _examples_markdown(rows: list[dict], count: int) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: PipelineConfig, prompts_path: str, policy_path: str, out_dir: str) -> dict:
+def run(cfg: PipelineConfig, prompts_path: str, policy_path: str, out_dir: str, baseline: str | None = None) -> dict:
+    """Judge `policy_path` against `baseline` (default: the reference model) on the held-out prompts."""
     e, s = cfg.evaluate, cfg.sample
-    reference = cfg.reference_model
+    reference = baseline or cfg.reference_model
     max_new = e.max_new_tokens or s.max_new_tokens
     eval_prompts = read_split(prompts_path, "eval")
     # Each model-holding step is materialized before the next starts, so a small node never has to fit

@@ -1,0 +1,59 @@
+"""Iterative rounds on the tiny model: round 2 samples from round 1's policy and self-labels with its implicit reward."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpo_ray.artifacts import read_manifest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ("sample", "label", "reference", "train", "evaluate")
+
+
+def test_two_rounds_with_self_labeling(tmp_path):
+    overrides = [
+        f"run.root={tmp_path}", "run.name=rounds", "rounds.count=2", "evaluate.labeler=sentiment",
+        "rounds.overrides={2: {label: {labeler: implicit, min_margin: 0.0}}}", "data.num_train_prompts=16",
+    ]
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "pipelines/full.py", "--config", "configs/tiny.yaml", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_dir = tmp_path / "rounds"
+    for k in (1, 2):
+        for stage in STAGES:
+            assert read_manifest(run_dir / f"round_{k}" / stage) is not None, (k, stage)
+    # Round 2 trained from, sampled from and self-labeled with round 1's policy.
+    round1_policy = str(run_dir / "round_1" / "train" / "policy")
+    assert read_manifest(run_dir / "round_2" / "label")["inputs"]["label"]["labeler"] == "implicit"
+    config = json.loads((run_dir / "round_2" / "train" / "manifest.json").read_text())
+    assert config["inputs"]["init"] is None  # rounds.init=previous: the policy itself is round 1's
+    rounds = json.loads((run_dir / "rounds.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert (run_dir / "rounds.png").is_file() and "| 2 |" in (run_dir / "rounds.md").read_text()
+    assert round1_policy in proc.stdout or "round 2/2" in proc.stdout
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("dpo-ray").experiment_id], max_results=100)
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1
+    round_runs = {r.data.tags["dpo_ray.child"]: r for r in runs if "dpo_ray.child" in r.data.tags}
+    assert set(round_runs) == {"round_1", "round_2"}
+    for run in round_runs.values():
+        assert run.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+        assert sorted(r.data.tags["dpo_ray.stage"] for r in stages) == sorted(STAGES)
+
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("up to date, skipped") == 2 * len(STAGES)
+    runs_after = client.search_runs([client.get_experiment_by_name("dpo-ray").experiment_id], max_results=100)
+    assert len(runs_after) == len(runs)
