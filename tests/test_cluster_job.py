@@ -1,0 +1,71 @@
+"""A real two-node Ray cluster on this machine (`ray start --head` + `ray start --address`), the tiny pipeline
+submitted with `ray job submit`, and proof that its work ran on both nodes."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def two_node_cluster(tmp_path):
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    port, dashboard = _free_port(), _free_port()
+    temp = tmp_path / "ray"
+    head = [RAY, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            "--num-cpus=1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--include-dashboard=true"]
+    subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
+    try:
+        worker = [RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", "--node-ip-address=127.0.0.1"]
+        subprocess.run(worker, check=True, env=env, capture_output=True, timeout=180)
+        yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{port}", env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=180)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_pipeline_as_a_ray_job_on_two_nodes(two_node_cluster, tmp_path):
+    dashboard, gcs, env = two_node_cluster
+    import ray
+
+    ray.init(address=gcs)
+    try:
+        deadline = time.time() + 60
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
+            time.sleep(1)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    finally:
+        ray.shutdown()
+
+    submit = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(REPO),
+              "--runtime-env-json", json.dumps({"excludes": [".venv*", "runs", ".git"]}), "--",
+              sys.executable, "pipelines/full.py", "--config", "configs/tiny.yaml", f"run.root={tmp_path / 'runs'}",
+              "data.num_train_prompts=16"]
+    proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "succeeded" in proc.stdout
+    assert (tmp_path / "runs" / "tiny" / "evaluate" / "manifest.json").is_file()
+
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(address=dashboard, limit=10_000, detail=True, raise_on_missing_output=False)
+    nodes = {t.node_id for t in tasks if t.node_id}
+    assert len(nodes) == 2, f"work ran on {len(nodes)} node(s)"
