@@ -33,6 +33,20 @@ def init_ray(cfg: PipelineConfig) -> None:
     ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": env})
 
 
+def check_writable(folder: Path, min_free_gb: float = 1.0) -> None:
+    """Fail before any work if the run folder cannot be written or its disk is nearly full."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"run.root: cannot write to {folder} ({err.strerror or err})") from None
+    free_gb = shutil.disk_usage(folder).free / 2**30
+    if free_gb < min_free_gb:
+        raise OSError(f"run.root: only {free_gb:.2f} GiB free under {folder}; need at least {min_free_gb} GiB")
+
+
 def source_digest(path: str) -> str:
     p = Path(path)
     if not p.exists():
@@ -137,7 +151,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     round k-1's policy. Every round is evaluated against the initial reference model.
     """
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)
     init_ray(cfg)
     # Built-in models are prepared here, once, before any actor asks for them.
     for spec in {cfg.model.policy, cfg.reference_model}:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -61,3 +63,32 @@ def tokenizer():
     from dpo_ray.models import load_tokenizer
 
     return load_tokenizer("builtin:tiny-llama")
+
+
+def make_reference_parquet(folder: Path, n_pairs: int = 16) -> Path:
+    """Random-token pairs of the tiny model's vocabulary with real reference log-probs (scored in-process)."""
+    import random
+
+    import pyarrow.parquet as pq
+
+    from dpo_ray import schemas
+    from dpo_ray.config import load_config
+    from dpo_ray.stages.reference import LogProbScorer
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(n_pairs):
+        prompt = [rng.randrange(100, 5000) for _ in range(rng.randint(3, 8))]
+        chosen = [rng.randrange(100, 5000) for _ in range(rng.randint(2, 6))]
+        rejected = [rng.randrange(100, 5000) for _ in range(rng.randint(2, 6))]
+        rows.append({"pair_id": f"p{i}", "prompt_id": f"q{i}", "prompt": "p", "prompt_ids": prompt,
+                     "chosen": f"c{i}", "chosen_ids": chosen, "rejected": f"r{i}", "rejected_ids": rejected,
+                     "chosen_reward": 1.0, "rejected_reward": 0.0})
+    cfg = load_config("configs/tiny.yaml")
+    scorer = LogProbScorer(cfg.model_dump(mode="json"), "builtin:tiny-llama",
+                           {"chosen_ids": "ref_chosen_logps", "rejected_ids": "ref_rejected_logps"})
+    table = scorer(schemas.rows_to_table(rows, schemas.PAIRS))
+    schemas.check_schema(table, schemas.REFERENCE, "test")
+    folder.mkdir(parents=True)
+    pq.write_table(table, folder / "part-0.parquet")
+    return folder

@@ -5,7 +5,6 @@ scorer the reference stage uses (called in-process, no Ray needed for that part)
 """
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,41 +14,20 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
+from conftest import make_reference_parquet
 
-from dpo_ray import schemas
 from dpo_ray.artifacts import read_manifest
 from dpo_ray.config import load_config
 from dpo_ray.stages import train
-from dpo_ray.stages.reference import LogProbScorer
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _reference_parquet(folder: Path, n_pairs: int = 16) -> Path:
-    rng = random.Random(0)
-    rows = []
-    for i in range(n_pairs):
-        prompt = [rng.randrange(100, 5000) for _ in range(rng.randint(3, 8))]
-        chosen = [rng.randrange(100, 5000) for _ in range(rng.randint(2, 6))]
-        rejected = [rng.randrange(100, 5000) for _ in range(rng.randint(2, 6))]
-        rows.append({"pair_id": f"p{i}", "prompt_id": f"q{i}", "prompt": "p", "prompt_ids": prompt,
-                     "chosen": f"c{i}", "chosen_ids": chosen, "rejected": f"r{i}", "rejected_ids": rejected,
-                     "chosen_reward": 1.0, "rejected_reward": 0.0})
-    cfg = load_config("configs/tiny.yaml")
-    scorer = LogProbScorer(cfg.model_dump(mode="json"), "builtin:tiny-llama",
-                           {"chosen_ids": "ref_chosen_logps", "rejected_ids": "ref_rejected_logps"})
-    table = scorer(schemas.rows_to_table(rows, schemas.PAIRS))
-    schemas.check_schema(table, schemas.REFERENCE, "test")
-    folder.mkdir(parents=True)
-    pq.write_table(table, folder / "part-0.parquet")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory):
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    path = _reference_parquet(tmp_path_factory.mktemp("ref") / "reference")
+    path = make_reference_parquet(tmp_path_factory.mktemp("ref") / "reference")
     if not ray.is_initialized():
         ray.init(num_cpus=2)
     yield path
