@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.data.expressions import col
 import torch
 
 from dpo_ray import schemas
@@ -247,7 +248,7 @@ def prepare_prompts(cfg: PipelineConfig, out_dir: str | Path) -> dict:
 
 
 def read_split(prompts_path: str | Path, split: str) -> ray.data.Dataset:
-    return ray.data.read_parquet(str(prompts_path)).filter(expr=f"split == '{split}'")
+    return ray.data.read_parquet(str(prompts_path)).filter(expr=col("split") == split)
 
 
 def run(cfg: PipelineConfig, out_dir: str, model_spec: str | None = None) -> dict:
