@@ -1,6 +1,7 @@
 """`dpo-ray run` for the whole round, `dpo-ray <stage>` to run one stage alone on explicit paths.
 
     dpo-ray run [--config configs/default.yaml] [key.path=value ...]
+    dpo-ray frontier [--config ...] [frontier.betas=[0.05,0.1,0.5]] [frontier.losses=[sigmoid,ipo]]
     dpo-ray sample    --out DIR                               [--config ...] [overrides]
     dpo-ray label     --completions DIR --out DIR  |  --out DIR with data.preferences=FILE
     dpo-ray reference --pairs DIR --out DIR
@@ -75,14 +76,14 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     command, rest = argv[0], argv[1:]
-    if command == "run":
-        from dpo_ray.pipeline import run_pipeline
+    if command in ("run", "frontier"):
+        from dpo_ray.pipeline import run_frontier, run_pipeline
 
-        run_pipeline(_load(_parser(None).parse_args(rest)))
+        (run_pipeline if command == "run" else run_frontier)(_load(_parser(None).parse_args(rest)))
     elif command in _STAGE_INPUTS:
         stage_main(command, rest)
     else:
-        sys.exit(f"dpo-ray: unknown command {command!r}; expected run or one of {', '.join(_STAGE_INPUTS)}")
+        sys.exit(f"dpo-ray: unknown command {command!r}; expected run, frontier or one of {', '.join(_STAGE_INPUTS)}")
 
 
 if __name__ == "__main__":

@@ -161,6 +161,19 @@ class RoundsConfig(_Section):
     overrides: dict[int, dict] = {}
 
 
+class FrontierConfig(_Section):
+    """pipelines/frontier.py: one policy per (loss, beta) on the same pairs and reference log-probs."""
+
+    betas: list[float] = [0.05, 0.1, 0.5]
+    losses: list[Literal["sigmoid", "ipo", "hinge"]] = ["sigmoid", "ipo"]
+
+    @model_validator(mode="after")
+    def _positive(self) -> "FrontierConfig":
+        if not self.betas or min(self.betas) <= 0:
+            raise ValueError("frontier.betas: need at least one beta, all > 0")
+        return self
+
+
 class PipelineConfig(_Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -171,6 +184,7 @@ class PipelineConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     rounds: RoundsConfig = RoundsConfig()
+    frontier: FrontierConfig = FrontierConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
@@ -219,11 +233,11 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -261,7 +275,7 @@ def build_config(tree: dict) -> PipelineConfig:
 
 
 def _round_tree(cfg: PipelineConfig, k: int, previous_policy: str | None) -> dict:
-    tree = _merge(cfg.model_dump(mode="json"), cfg.rounds.overrides.get(k, {}))
+    tree = merge(cfg.model_dump(mode="json"), cfg.rounds.overrides.get(k, {}))
     tree["rounds"] = RoundsConfig().model_dump(mode="json")
     if previous_policy is not None:
         tree["model"]["reference"] = cfg.reference_model if cfg.rounds.reference == "initial" else previous_policy
@@ -289,7 +303,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = merge(tree, parse_overrides(overrides or []))
     return build_config(tree)
 
 

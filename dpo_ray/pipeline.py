@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import ray
 
 from dpo_ray import artifacts
-from dpo_ray.config import PipelineConfig, round_config
+from dpo_ray.config import PipelineConfig, merge, build_config, round_config
 from dpo_ray.models import model_fingerprint, resolve_model
 from dpo_ray.stages import evaluate, label, reference, sample, train
 from dpo_ray.tracking import Tracker, numeric
@@ -92,17 +93,23 @@ class StageRunner:
         return {"stage": name, "key": key, "inputs": inputs, "stats": stats, "seconds": time.time() - started}
 
 
-def run_round(cfg: PipelineConfig, out: Path, stage: StageRunner, baseline: str) -> dict:
-    """sample -> label -> reference -> train -> evaluate into `out`; the policy is judged against `baseline`.
+@dataclass
+class PreparedPairs:
+    """What training needs: the pairs with their reference log-probs, and the held-out prompts (if any)."""
 
-    Returns {"policy": path, "metrics": evaluation metrics, "label": label stats}.
-    """
+    reference_dir: Path
+    reference_digest: str
+    prompts_path: Path | None
+    label_stats: dict
+
+
+def prepare_pairs(cfg: PipelineConfig, out: Path, stage: "StageRunner") -> PreparedPairs:
+    """sample -> label -> reference (or import preference data -> reference) into `out`."""
     d, m = cfg.data, cfg.model
     common = {"seed": cfg.run.seed, "dtype": m.dtype, "policy": model_fingerprint(m.policy)}
-    limits = {k: getattr(d, k) for k in ("max_prompt_tokens", "max_completion_tokens", "prompt_truncation", "system_prompt")}
     if d.preferences:
         labeled = stage("label", out / "label",
-                        {**common, "preferences": source_digest(d.preferences), "limits": limits,
+                        {**common, "preferences": source_digest(d.preferences), "limits": _limits(cfg),
                          "on_bad_rows": d.on_bad_rows},
                         lambda tmp, _run, _key: label.import_preferences(cfg, str(tmp)))
         prompts_path = None
@@ -118,16 +125,24 @@ def run_round(cfg: PipelineConfig, out: Path, stage: StageRunner, baseline: str)
                         lambda tmp, _run, _key: label.run(cfg, str(out / "sample" / "completions"), str(tmp)))
     referenced = stage("reference", out / "reference",
                        {"pairs": labeled["output_digest"], "reference": model_fingerprint(cfg.reference_model),
-                        "dtype": m.dtype, "limits": limits},
+                        "dtype": m.dtype, "limits": _limits(cfg)},
                        lambda tmp, _run, _key: reference.run(cfg, str(out / "label" / "pairs"), str(tmp)))
+    return PreparedPairs(out / "reference", referenced["output_digest"], prompts_path, labeled["stats"])
+
+
+def train_and_evaluate(cfg: PipelineConfig, out: Path, stage: "StageRunner", pairs: PreparedPairs,
+                       baseline: str) -> dict:
+    """train -> evaluate into `out`; returns {"policy": path, "metrics": evaluation metrics}."""
+    d = cfg.data
     trained = stage("train", out / "train",
-                    {**common, "reference": referenced["output_digest"], "train": cfg.train.model_dump(),
+                    {"seed": cfg.run.seed, "dtype": cfg.model.dtype, "policy": model_fingerprint(cfg.model.policy),
+                     "reference": pairs.reference_digest, "train": cfg.train.model_dump(),
                      "init": model_fingerprint(cfg.train.init_from) if cfg.train.init_from else None},
-                    lambda tmp, run_id, key: train.run(cfg, str(out / "reference"), str(tmp), key, run_id))
+                    lambda tmp, run_id, key: train.run(cfg, str(pairs.reference_dir), str(tmp), key, run_id))
     policy_path = str(out / "train" / train.POLICY_DIR)
 
     def evaluate_fn(tmp: Path, _run, _key) -> dict:
-        path = prompts_path
+        path = pairs.prompts_path
         if path is None:
             if not d.prompts:
                 raise ValueError("data.prompts: evaluation of an offline run needs held-out prompts")
@@ -141,7 +156,18 @@ def run_round(cfg: PipelineConfig, out: Path, stage: StageRunner, baseline: str)
                        "evaluate": cfg.evaluate.model_dump(), "sample": cfg.sample.model_dump(),
                        "labeler": cfg.label.model_dump(), "beta": cfg.train.beta},
                       evaluate_fn)
-    return {"policy": policy_path, "metrics": evaluated["stats"], "label": labeled["stats"]}
+    return {"policy": policy_path, "metrics": evaluated["stats"]}
+
+
+def run_round(cfg: PipelineConfig, out: Path, stage: "StageRunner", baseline: str) -> dict:
+    """One round into `out`: {"policy", "metrics", "label"}; the policy is judged against `baseline`."""
+    pairs = prepare_pairs(cfg, out, stage)
+    return {**train_and_evaluate(cfg, out, stage, pairs, baseline), "label": pairs.label_stats}
+
+
+def _limits(cfg: PipelineConfig) -> dict:
+    return {k: getattr(cfg.data, k) for k in ("max_prompt_tokens", "max_completion_tokens", "prompt_truncation",
+                                              "system_prompt")}
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
@@ -187,6 +213,53 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                    "tracking_uri": tracker.uri, "metrics": metrics, "rounds": len(rounds)}
     _print_summary(summary)
     return summary
+
+
+def run_frontier(cfg: PipelineConfig) -> dict:
+    """The paper's reward-KL frontier: one policy per (loss, beta) trained on the same pairs and reference
+    log-probs (computed once), each evaluated on the same held-out prompts against the reference."""
+    run_dir = cfg.run_dir
+    check_writable(run_dir)
+    init_ray(cfg)
+    for spec in {cfg.model.policy, cfg.reference_model}:
+        resolve_model(spec)
+    tracker = Tracker(cfg)
+    stage = StageRunner(cfg, tracker)
+    points = []
+    with tracker.parent() as parent:
+        pairs = prepare_pairs(cfg, run_dir, stage)
+        for loss in cfg.frontier.losses:
+            for beta in cfg.frontier.betas:
+                name = f"{loss}_beta{beta:g}"
+                print(f"[dpo-ray] frontier: {name}", flush=True)
+                variant = build_config(merge(cfg.model_dump(mode="json"), {"train": {"loss": loss, "beta": beta}}))
+                with tracker.child(name):
+                    result = train_and_evaluate(variant, run_dir / "frontier" / name, stage, pairs, cfg.reference_model)
+                    tracker.mlflow.log_metrics(numeric(result["metrics"]))
+                points.append({"variant": name, "loss": loss, "beta": beta, **result["metrics"]})
+        table = write_frontier_report(points, run_dir)
+        for name in ("frontier.json", "frontier.md", "frontier.png"):
+            tracker.mlflow.log_artifact(str(run_dir / name))
+    print("\n" + table)
+    print(f"\n[dpo-ray] frontier written to {run_dir} (MLflow run {parent.info.run_id} in {tracker.uri})")
+    return {"run_dir": str(run_dir), "points": points}
+
+
+def write_frontier_report(points: list[dict], run_dir: Path) -> str:
+    """frontier.json, frontier.md (returned) and frontier.png: reward against KL, one line per loss type."""
+    artifacts.write_json_atomic(run_dir / "frontier.json", {"points": points})
+    lines = ["| variant | loss | beta | policy reward | reference reward | win rate | KL |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {p['variant']} | {p['loss']} | {p['beta']:g} | {p['policy_reward']:+.3f} | "
+              f"{p['reference_reward']:+.3f} | {p['win_rate']:.1%} | {p['kl']:.2f} |" for p in points]
+    table = "\n".join(lines)
+    (run_dir / "frontier.md").write_text(table + "\n")
+    evaluate.plot_reward_vs_kl(
+        [{"label": "reference", "kl": 0.0, "reward": points[0]["reference_reward"]}]
+        + [{"label": f"{p['loss']} beta={p['beta']:g}", "kl": p["kl"], "kl_stderr": p["kl_stderr"],
+            "reward": p["policy_reward"], "reward_stderr": p["policy_reward_stderr"]} for p in points],
+        run_dir / "frontier.png", "reward-KL frontier (held-out prompts)",
+    )
+    return table
 
 
 def write_round_report(rounds: list[dict], run_dir: Path) -> str:

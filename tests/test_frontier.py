@@ -1,0 +1,35 @@
+"""pipelines/frontier.py on the tiny model: two variants share one reference pass and one set of pairs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpo_ray.artifacts import read_manifest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_frontier_trains_each_variant_on_the_same_reference(tmp_path):
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "pipelines/frontier.py", "--config", "configs/tiny.yaml", f"run.root={tmp_path}",
+           "run.name=frontier", "data.num_train_prompts=16", "frontier.betas=[0.1]", "frontier.losses=[sigmoid,ipo]"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_dir = tmp_path / "frontier"
+    assert proc.stdout.count("[dpo-ray] reference: running") == 1
+    reference_digest = read_manifest(run_dir / "reference")["output_digest"]
+    points = json.loads((run_dir / "frontier.json").read_text())["points"]
+    assert [(p["loss"], p["beta"]) for p in points] == [("sigmoid", 0.1), ("ipo", 0.1)]
+    for p in points:
+        train = read_manifest(run_dir / "frontier" / p["variant"] / "train")
+        assert train["inputs"]["reference"] == reference_digest
+        assert train["inputs"]["train"]["loss"] == p["loss"]
+        assert read_manifest(run_dir / "frontier" / p["variant"] / "evaluate") is not None
+    assert (run_dir / "frontier.png").stat().st_size > 1000
+    assert "| ipo_beta0.1 | ipo |" in (run_dir / "frontier.md").read_text()
