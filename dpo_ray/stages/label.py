@@ -168,11 +168,9 @@ def import_preferences(cfg: PipelineConfig, out_dir: str) -> dict:
         try:
             prompt_ids, cut = prompt_token_ids(tokenizer, rec["prompt"], rec["messages_json"], data.system_prompt,
                                                data.max_prompt_tokens, data.prompt_truncation)
-            sides = {}
-            for side in ("chosen", "rejected"):
-                ids = completion_token_ids(tokenizer, rec["prompt"], rec["messages_json"], data.system_prompt, rec[side])
-                truncated_completions += len(ids) > data.max_completion_tokens
-                sides[side] = ids[: data.max_completion_tokens]
+            full = {side: completion_token_ids(tokenizer, rec["prompt"], rec["messages_json"], data.system_prompt,
+                                               rec[side]) for side in ("chosen", "rejected")}
+            sides = {side: ids[: data.max_completion_tokens] for side, ids in full.items()}
         except TokenizationError as err:
             if data.on_bad_rows == "error":
                 raise TokenizationError(f"{data.preferences}: row {rec['row']}: field prompt: {err}") from None
@@ -185,6 +183,7 @@ def import_preferences(cfg: PipelineConfig, out_dir: str) -> dict:
             rejects.append(Reject(data.preferences, rec["row"], "rejected", problem, json.dumps(rec)))
             continue
         truncated_prompts += cut
+        truncated_completions += sum(len(ids) > data.max_completion_tokens for ids in full.values())
         rows.append({
             "pair_id": rec["id"], "prompt_id": rec["id"], "prompt": rec["prompt"], "prompt_ids": prompt_ids,
             "chosen": rec["chosen"], "chosen_ids": sides["chosen"],

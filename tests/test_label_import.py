@@ -1,0 +1,54 @@
+"""Offline preference import: truncation counts, identical-after-tokenization pairs, chat-template prefix pitfalls."""
+
+import json
+
+import pytest
+
+from dpo_ray import schemas
+from dpo_ray.config import load_config
+from dpo_ray.stages.label import import_preferences
+from dpo_ray.text import TokenizationError, completion_token_ids
+
+
+def _prefs(tmp_path, rows):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_identical_after_truncation_is_rejected_and_counted(tmp_path):
+    path = _prefs(tmp_path, [
+        {"id": "a", "prompt": "Review it.", "chosen": "Great film, lovely ending.", "rejected": "Great film, awful ending."},
+        {"id": "b", "prompt": "Review it.", "chosen": "Wonderful.", "rejected": "Dreadful."},
+    ])
+    cfg = load_config("configs/tiny.yaml", [f"data.preferences={path}", "data.max_completion_tokens=2",
+                                            "data.on_bad_rows=skip"])
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = import_preferences(cfg, str(out))
+    assert stats["pairs"] == 1 and stats["rejected_rows"] == 1 and stats["completions_truncated"] == 2
+    rejects = schemas.read_table(out / "rejects.parquet", schemas.REJECTS).to_pylist()
+    assert rejects[0]["row"] == 1 and "tokenize identically" in rejects[0]["reason"]
+    cfg = load_config("configs/tiny.yaml", [f"data.preferences={path}", "data.max_completion_tokens=2"])
+    with pytest.raises(TokenizationError, match=r"prefs.jsonl: row 1: field rejected: .*tokenize identically"):
+        import_preferences(cfg, str(tmp_path / "out2"))
+
+
+class _ShiftingTemplate:
+    """A tokenizer whose template renders the prompt differently once an assistant turn follows it."""
+
+    chat_template = "shifting"
+    eos_token_id = 2
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        system = "A" if messages[-1]["role"] == "assistant" else "B"
+        body = " ".join(m["content"] for m in messages)
+        return f"{system} {body}" + (" <gen>" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [hash(w) % 1000 for w in text.split()]}
+
+
+def test_prompt_not_a_prefix_of_prompt_plus_completion_is_detected():
+    with pytest.raises(TokenizationError, match="not a prefix"):
+        completion_token_ids(_ShiftingTemplate(), "hello", None, None, "a reply")
