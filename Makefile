@@ -22,11 +22,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python pipelines/full.py $(ARGS)
 
+# Everything, slow integration tests included (real Ray clusters, Ray jobs, SmolLM2): what CI runs.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -m "slow or not slow" --timeout=1800 $(ARGS)
 
+# The fast suite: pure functions and single-process checks, about a minute.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q $(ARGS)
 
 clean:
 	rm -rf runs

@@ -87,7 +87,8 @@ def main() -> None:
     tokenizer, path = common.load_tokenizer_and_path()
     pairs = common.build_pairs(tokenizer, args.pairs, args.completion_tokens)
     tokens = common.pair_tokens(pairs)
-    cfg = load_config(args.config, [f"model.policy={path}"])
+    # The Ray actor uses run.torch_threads: the same thread count as the in-process sides.
+    cfg = load_config(args.config, [f"model.policy={path}", f"run.torch_threads={args.threads}"])
     work = Path(tempfile.mkdtemp(prefix="bench-reference-"))
     pairs_dir = work / "pairs"
     pairs_dir.mkdir()

@@ -68,7 +68,7 @@ def build_engine(path: str, t):
     return lm, engine
 
 
-def _our_side(path: str, pairs: list[dict], tokenizer, batch: int, beta: float, lr: float):
+def _our_side(path: str, pairs: list[dict], tokenizer, batch: int, beta: float, lr: float, slot):
     from dpo_ray.config import TrainConfig
     from dpo_ray.stages.train import _all_reduce, _micro_batches, _zero_loss, dpo_forward
 
@@ -78,7 +78,7 @@ def _our_side(path: str, pairs: list[dict], tokenizer, batch: int, beta: float, 
     lm, engine = build_engine(path, t)
 
     def rows_of(i: int) -> dict[str, list]:
-        sl = range(i * batch, (i + 1) * batch)
+        sl = slot(i)
         out = {k: [pairs[j][k] for j in sl] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
         out["ref_chosen_logps"] = [ref_c[j] for j in sl]
         out["ref_rejected_logps"] = [ref_r[j] for j in sl]
@@ -91,7 +91,7 @@ def _our_side(path: str, pairs: list[dict], tokenizer, batch: int, beta: float, 
         for m, rows in enumerate(micro):
             with engine.no_sync(m < len(micro) - 1):
                 out, metrics, n_tokens = dpo_forward(engine.model, rows, pad, t)
-                weight = len(rows["prompt_ids"]) / batch
+                weight = len(rows["prompt_ids"]) / len(slot(i))
                 finite = _all_reduce([float(torch.isfinite(out.loss))])[0] > 0
                 engine.backward(out.loss * weight if finite else _zero_loss(engine.model))
             tokens += n_tokens
@@ -102,7 +102,7 @@ def _our_side(path: str, pairs: list[dict], tokenizer, batch: int, beta: float, 
 
 
 def _trl_side(path: str, pairs: list[dict], tokenizer, batch: int, beta: float, lr: float, precompute: bool,
-              total_steps: int, outdir: str):
+              total_steps: int, outdir: str, slot):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -139,7 +139,7 @@ def _trl_side(path: str, pairs: list[dict], tokenizer, batch: int, beta: float, 
 
     def step(i: int) -> dict:
         examples = []
-        for j in range(i * batch, (i + 1) * batch):
+        for j in slot(i):
             ex = {k: pairs[j][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
             if precompute:
                 ex["ref_chosen_logps"], ex["ref_rejected_logps"] = ref_c[j], ref_r[j]
@@ -162,6 +162,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=2, help="discarded steps per side, before the timed ones")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step (one micro-batch: 2x sequences)")
+    p.add_argument("--warmup-batch-size", type=int, default=None,
+                   help="pairs in each warm-up step (default: --batch-size); warm-up only triggers lazy init "
+                        "(allocator, AdamW state), so a smaller one saves minutes on a 2-core machine")
     p.add_argument("--completion-tokens", type=int, default=40)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -174,13 +177,19 @@ def main() -> None:
     rounds = args.warmup + args.steps
     tokenizer, path = common.load_tokenizer_and_path()
     pairs = common.build_pairs(tokenizer, args.batch_size * rounds, args.completion_tokens)
+    warm_b = min(args.warmup_batch_size or args.batch_size, args.batch_size)
+
+    def slot(i: int) -> range:
+        # Step i of every side trains on the same pairs: its slot of --batch-size pairs (cut for warm-up steps).
+        return range(i * args.batch_size, i * args.batch_size + (warm_b if i < args.warmup else args.batch_size))
+
     peak_before = common.matmul_peak_gflops(threads=args.threads)
     common.log(f"matmul peak {peak_before['best_gflops']:.1f} GFLOP/s; load {common.load_average()}")
 
     steps, params, extra = {}, None, {}
     with tempfile.TemporaryDirectory() as tmp:
         if "ours" in sides:
-            model, steps["ours"] = _our_side(path, pairs, tokenizer, args.batch_size, args.beta, args.lr)
+            model, steps["ours"] = _our_side(path, pairs, tokenizer, args.batch_size, args.beta, args.lr, slot)
             params = common.n_params(model)
         import trl
 
@@ -189,7 +198,7 @@ def main() -> None:
             if side in sides:
                 start = time.perf_counter()
                 model, steps[side], _ = _trl_side(path, pairs, tokenizer, args.batch_size, args.beta, args.lr,
-                                                  side == "trl_precompute", rounds, f"{tmp}/{side}")
+                                                  side == "trl_precompute", rounds, f"{tmp}/{side}", slot)
                 extra[f"{side}_init_s"] = time.perf_counter() - start
                 params = params or common.n_params(model)
         common.log(f"set up {list(steps)}; {params / 1e6:.1f}M parameters; load {common.load_average()}")
@@ -219,13 +228,13 @@ def main() -> None:
         tokens = statistics.mean(info[side][i]["tokens"] for i in kept)
         # Tokens the side's forward actually runs: ours scores each prompt once (KV cache shared by chosen and
         # rejected) since the prompt-sharing change; TRL runs prompt+chosen and prompt+rejected.
-        batches = [pairs[i * args.batch_size:(i + 1) * args.batch_size] for i in kept]
+        batches = [[pairs[j] for j in slot(i)] for i in kept]
         executed = statistics.mean(
             sum(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in b)
             if side == "ours" and shares_prompt else common.pair_tokens(b) for b in batches)
         tps = tokens / s["median_s"]
         results[side] = {**s, "tokens_per_step": tokens, "tokens_per_s": tps,
-                         "pairs_per_s": args.batch_size / s["median_s"],
+                         "pairs_per_s": len(slot(rounds - 1)) / s["median_s"],
                          "mfu": 6 * params * tps / (peak * 1e9),
                          "executed_tokens_per_step": executed,
                          "mfu_executed": 6 * params * executed / s["median_s"] / (peak * 1e9),

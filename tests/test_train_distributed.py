@@ -50,7 +50,7 @@ def test_two_workers_train_and_save_policy(reference_dir, tmp_path, overrides):
     assert stats["steps"] == 4  # 16 pairs / 8 per step x 2 epochs
     assert stats["nonfinite_steps"] == 0
     # Preference accuracy after a few large steps on 16 fixed pairs: the policy learned to rank them.
-    assert stats["rewards/accuracies"] > 0.5
+    assert stats["final/rewards/accuracies"] > 0.5
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "policy")

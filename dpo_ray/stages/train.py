@@ -337,7 +337,9 @@ def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, ml
     with result.checkpoint.as_directory() as path:
         shutil.copytree(Path(path) / POLICY_DIR, Path(out_dir) / POLICY_DIR)
         state = json.loads((Path(path) / "trainer_state.json").read_text())
-    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    # Per-step values are already in MLflow under their own names; the stage summary keeps the last step's.
+    final = {f"final/{k}": v for k, v in result.metrics.items()
+             if isinstance(v, (int, float)) and k not in ("step", "nonfinite_steps")}
     return {**final, "pairs": pairs, "steps": state["step"], "nonfinite_steps": state["nonfinite_steps"],
             "tokens": state["tokens"]}
 

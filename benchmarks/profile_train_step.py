@@ -1,0 +1,165 @@
+"""Where one dpo-ray train step spends its time (a diagnostic for Figure 1, not a comparison).
+
+Builds the train step exactly as train_throughput.py's `ours` side (dpo_forward + backward + clip + AdamW through
+the _DDP engine), runs one small warm-up step, then one step of --batch-size pairs split into phases:
+  batch     building the padded tensors (inside dpo_forward, measured as forward minus the module calls)
+  decoder   the transformer body (each call of the decoder module: prompt pass and completion pass when the
+            prompt is shared, one pass otherwise)
+  lm_head   the LM head matmuls (each call of the output embedding)
+  forward   the whole dpo_forward: the remainder over decoder + lm_head is log-softmax/gather, masks and the loss
+  backward  loss.backward()
+  optimizer clip_grad_norm_ + AdamW step + zero_grad
+and, in a second identical step under torch.profiler, the operators with the most self CPU time.
+FLOP shares use 2 * parameters per token for the decoder and 2 * hidden * vocab per scored token for the head.
+
+    .venv-bench/bin/python benchmarks/profile_train_step.py --batch-size 8 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import common
+from train_throughput import build_engine, reference_logps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--completion-tokens", type=int, default=40)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-profiler", action="store_true", help="skip the torch.profiler step")
+    p.add_argument("--top", type=int, default=20)
+    args = p.parse_args()
+
+    from dpo_ray.config import TrainConfig
+    from dpo_ray.stages.train import _micro_batches, dpo_forward
+
+    common.set_threads(args.threads)
+    tokenizer, path = common.load_tokenizer_and_path()
+    b = args.batch_size
+    pairs = common.build_pairs(tokenizer, b * 3, args.completion_tokens)
+    ref_c, ref_r = reference_logps(path, pairs)
+    t = TrainConfig(beta=0.1, lr=1e-5, batch_size=b, micro_batch_size=b, max_grad_norm=1.0)
+    lm, engine = build_engine(path, t)
+    pad = tokenizer.pad_token_id
+    peak = common.matmul_peak_gflops(threads=args.threads)["best_gflops"]
+
+    calls: dict[str, list[float]] = {"decoder": [], "lm_head": []}
+    tokens_seen = {"decoder": 0, "lm_head": 0}
+
+    def hook(name):
+        def pre(module, args_, kwargs):
+            module._bench_t0 = time.perf_counter()
+
+        def post(module, args_, kwargs, output):
+            calls[name].append(time.perf_counter() - module._bench_t0)
+            x = kwargs.get("input_ids") if name == "decoder" else (args_[0] if args_ else None)
+            if x is not None:
+                tokens_seen[name] += x.numel() if name == "decoder" else x.shape[0]
+        return pre, post
+
+    for name, module in (("decoder", lm.get_decoder()), ("lm_head", lm.get_output_embeddings())):
+        pre, post = hook(name)
+        module.register_forward_pre_hook(pre, with_kwargs=True)
+        module.register_forward_hook(post, with_kwargs=True)
+
+    def rows(slot: range) -> dict:
+        out = {k: [pairs[j][k] for j in slot] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        out["ref_chosen_logps"] = [ref_c[j] for j in slot]
+        out["ref_rejected_logps"] = [ref_r[j] for j in slot]
+        return out
+
+    def step(slot: range) -> dict:
+        for v in calls.values():
+            v.clear()
+        for k in tokens_seen:
+            tokens_seen[k] = 0
+        phases = {}
+        with common.Clock() as c:
+            micro = _micro_batches(rows(slot), t.micro_batch_size)
+            (m,) = micro
+            out, _, n_tokens = dpo_forward(engine.model, m, pad, t)
+        phases["forward"] = c.wall
+        with common.Clock() as c:
+            engine.backward(out.loss)
+        phases["backward"] = c.wall
+        with common.Clock() as c:
+            engine.step()
+        phases["optimizer"] = c.wall
+        phases["decoder"] = sum(calls["decoder"])
+        phases["lm_head"] = sum(calls["lm_head"])
+        phases["forward_rest"] = phases["forward"] - phases["decoder"] - phases["lm_head"]
+        return {"phases": phases, "pair_tokens": n_tokens, "decoder_calls": len(calls["decoder"]),
+                "decoder_tokens_incl_padding": tokens_seen["decoder"], "head_rows": tokens_seen["lm_head"]}
+
+    step(range(0, 2))  # warm-up: lazy init of the allocator and the AdamW state
+    common.log(f"warm-up done; load {common.load_average()}")
+    with common.Clock() as total:
+        info = step(range(b, 2 * b))
+    ph = info["phases"]
+    step_s = total.wall
+    common.log(f"step of {b} pairs: {step_s:.2f}s wall, {total.cpu:.2f}s cpu; load {common.load_average()}")
+    for k in ("forward", "decoder", "lm_head", "forward_rest", "backward", "optimizer"):
+        common.log(f"  {k:<12} {ph[k]:7.2f}s  {100 * ph[k] / step_s:5.1f}%")
+
+    hidden, vocab = lm.config.hidden_size, lm.config.vocab_size
+    n = common.n_params(lm)
+    embed = vocab * hidden
+    body_flop = 2 * (n - embed) * info["decoder_tokens_incl_padding"]
+    head_flop = 2 * hidden * vocab * info["head_rows"]
+    fwd_flop = body_flop + head_flop
+    flops = {"forward_flop": fwd_flop, "train_flop_3x": 3 * fwd_flop,
+             "head_share_of_flop": head_flop / fwd_flop,
+             "achieved_gflops_whole_step": 3 * fwd_flop / step_s / 1e9,
+             "decoder_fwd_gflops": body_flop / ph["decoder"] / 1e9 if ph["decoder"] else None,
+             "lm_head_fwd_gflops": head_flop / ph["lm_head"] / 1e9 if ph["lm_head"] else None,
+             "matmul_peak_gflops": peak}
+    common.log(f"  FLOP: head share {100 * flops['head_share_of_flop']:.1f}% of forward; whole step "
+               f"{flops['achieved_gflops_whole_step']:.1f} GFLOP/s of {peak:.1f} peak; decoder fwd "
+               f"{flops['decoder_fwd_gflops'] or 0:.1f}, head fwd {flops['lm_head_fwd_gflops'] or 0:.1f} GFLOP/s")
+
+    table = ""
+    top = []
+    if not args.no_profiler:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+            step(range(2 * b, 3 * b))
+        averages = prof.key_averages()
+        table = averages.table(sort_by="self_cpu_time_total", row_limit=args.top)
+        print(table)
+        total_self = sum(e.self_cpu_time_total for e in averages) or 1
+        for e in sorted(averages, key=lambda e: -e.self_cpu_time_total)[: args.top]:
+            top.append({"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                        "share": e.self_cpu_time_total / total_self})
+        groups = {"matmul (mm/addmm/bmm/linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
+                  "attention (sdpa)": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
+                  "softmax/logsumexp": ("aten::logsumexp", "aten::_log_softmax", "aten::_softmax", "aten::exp"),
+                  "elementwise mul/add/silu/pow/rsqrt": ("aten::mul", "aten::add", "aten::silu", "aten::pow",
+                                                        "aten::rsqrt", "aten::mean", "aten::neg", "aten::sub",
+                                                        "aten::div", "aten::silu_backward"),
+                  "copies/cat/index": ("aten::copy_", "aten::cat", "aten::index", "aten::index_put",
+                                       "aten::gather", "aten::masked", "aten::repeat_interleave", "aten::clone",
+                                       "aten::fill_", "aten::zero_", "aten::index_add", "aten::scatter",
+                                       "aten::nonzero", "aten::where")}
+        shares = {}
+        for g, prefixes in groups.items():
+            shares[g] = sum(e.self_cpu_time_total for e in averages if e.key.startswith(prefixes)) / total_self
+        shares["other"] = 1 - sum(shares.values())
+        common.log("self-CPU share by operator group: " + ", ".join(f"{g} {100 * v:.1f}%" for g, v in shares.items()))
+        top.append({"groups": shares})
+
+    out = common.write_result("profile_train_step", {
+        "machine": common.machine_info(), "args": vars(args), "workload": common.describe_pairs(pairs[b:2 * b]),
+        "step_wall_s": step_s, "step_cpu_s": total.cpu, **info, "flops": flops, "profiler_top": top,
+        "profiler_table": table,
+    })
+    common.log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
