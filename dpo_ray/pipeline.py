@@ -170,6 +170,17 @@ def _limits(cfg: PipelineConfig) -> dict:
                                               "system_prompt")}
 
 
+def start(cfg: PipelineConfig) -> tuple[Tracker, StageRunner]:
+    """Checks and connections every driver needs before its first stage."""
+    check_writable(cfg.run_dir)
+    init_ray(cfg)
+    # Built-in models are prepared here, once, before any actor asks for them.
+    for spec in {cfg.model.policy, cfg.reference_model}:
+        resolve_model(spec)
+    tracker = Tracker(cfg)
+    return tracker, StageRunner(cfg, tracker)
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """rounds.count rounds of on-policy (or, with data.preferences, offline) DPO; returns the last metrics.
 
@@ -177,13 +188,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     round k-1's policy. Every round is evaluated against the initial reference model.
     """
     run_dir = cfg.run_dir
-    check_writable(run_dir)
-    init_ray(cfg)
-    # Built-in models are prepared here, once, before any actor asks for them.
-    for spec in {cfg.model.policy, cfg.reference_model}:
-        resolve_model(spec)
-    tracker = Tracker(cfg)
-    stage = StageRunner(cfg, tracker)
+    tracker, stage = start(cfg)
     baseline = cfg.reference_model
     rounds: list[dict] = []
     with tracker.parent() as parent:
@@ -219,12 +224,7 @@ def run_frontier(cfg: PipelineConfig) -> dict:
     """The paper's reward-KL frontier: one policy per (loss, beta) trained on the same pairs and reference
     log-probs (computed once), each evaluated on the same held-out prompts against the reference."""
     run_dir = cfg.run_dir
-    check_writable(run_dir)
-    init_ray(cfg)
-    for spec in {cfg.model.policy, cfg.reference_model}:
-        resolve_model(spec)
-    tracker = Tracker(cfg)
-    stage = StageRunner(cfg, tracker)
+    tracker, stage = start(cfg)
     points = []
     with tracker.parent() as parent:
         pairs = prepare_pairs(cfg, run_dir, stage)
