@@ -92,3 +92,12 @@ def make_reference_parquet(folder: Path, n_pairs: int = 16) -> Path:
     folder.mkdir(parents=True)
     pq.write_table(table, folder / "part-0.parquet")
     return folder
+
+
+def isolated_env() -> dict:
+    """Environment for a pipeline subprocess: its own new local Ray cluster and the default MLflow store."""
+    import os
+
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env

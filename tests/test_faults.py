@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import make_reference_parquet
+from conftest import isolated_env, make_reference_parquet
 from safetensors.torch import load_file
 
 from dpo_ray.artifacts import read_manifest
@@ -19,10 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _env() -> dict:
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
-    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
-        env.pop(name, None)
-    return env
+    return isolated_env()
 
 
 def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 600) -> str:
@@ -57,8 +54,8 @@ def test_killed_training_worker_is_restarted_from_checkpoint_and_matches_uninter
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         _wait_for(proc, "step 12/120")
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-                   and p.pid != proc.pid]
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline())]
         assert workers, "no Ray Train worker process found"
         for worker in workers:
             worker.send_signal(signal.SIGKILL)

@@ -1,12 +1,12 @@
 """pipelines/frontier.py on the tiny model: two variants share one reference pass and one set of pairs."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import isolated_env
 
 from dpo_ray.artifacts import read_manifest
 
@@ -15,8 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_frontier_trains_each_variant_on_the_same_reference(tmp_path):
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = isolated_env()
     cmd = [sys.executable, "pipelines/frontier.py", "--config", "configs/tiny.yaml", f"run.root={tmp_path}",
            "run.name=frontier", "data.num_train_prompts=16", "frontier.betas=[0.1]", "frontier.losses=[sigmoid,ipo]"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)

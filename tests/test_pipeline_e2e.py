@@ -5,12 +5,12 @@ checks that finished stages are skipped and that the MLflow parent run is reused
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import isolated_env
 
 from dpo_ray import schemas
 from dpo_ray.artifacts import read_manifest
@@ -22,9 +22,7 @@ STAGES = ("sample", "label", "reference", "train", "evaluate")
 
 
 def run_full(root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
+    env = isolated_env()
     proc = subprocess.run(
         [sys.executable, "pipelines/full.py", "--config", "configs/tiny.yaml", f"run.root={root}", *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,

@@ -1,12 +1,12 @@
 """Iterative rounds on the tiny model: round 2 samples from round 1's policy and self-labels with its implicit reward."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import isolated_env
 
 from dpo_ray.artifacts import read_manifest
 
@@ -20,8 +20,7 @@ def test_two_rounds_with_self_labeling(tmp_path):
         f"run.root={tmp_path}", "run.name=rounds", "rounds.count=2", "evaluate.labeler=sentiment",
         "rounds.overrides={2: {label: {labeler: implicit, min_margin: 0.0}}}", "data.num_train_prompts=16",
     ]
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = isolated_env()
     cmd = [sys.executable, "pipelines/full.py", "--config", "configs/tiny.yaml", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -1,12 +1,12 @@
 """The real SmolLM2-135M-Instruct path (GGUF -> cached safetensors folder -> every stage), kept very small."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import isolated_env
 
 from dpo_ray.artifacts import read_manifest
 
@@ -20,8 +20,7 @@ def test_default_config_runs_on_smollm2_with_tiny_settings(tmp_path):
         "sample.n=4", "sample.max_new_tokens=16", "sample.batch_size=8", "label.min_margin=0",
         "train.batch_size=2", "train.micro_batch_size=2", "train.epochs=1", "evaluate.samples_per_prompt=1",
     ]
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = isolated_env()
     proc = subprocess.run([sys.executable, "pipelines/full.py", *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -23,7 +23,7 @@ def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     common = ["--config", "configs/tiny.yaml", f"run.root={root}", "data.num_train_prompts=12"]
     if not ray.is_initialized():
-        ray.init(num_cpus=2)
+        ray.init(address="local", num_cpus=2)
     main(["sample", "--out", str(root / "s"), *common])
     main(["label", "--completions", str(root / "s" / "completions"), "--out", str(root / "l"), *common,
           "label.min_margin=0"])

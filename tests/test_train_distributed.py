@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import make_reference_parquet
+from conftest import isolated_env, make_reference_parquet
 
 from dpo_ray.artifacts import read_manifest
 from dpo_ray.config import load_config
@@ -29,7 +29,7 @@ def reference_dir(tmp_path_factory):
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     path = make_reference_parquet(tmp_path_factory.mktemp("ref") / "reference")
     if not ray.is_initialized():
-        ray.init(num_cpus=2)
+        ray.init(address="local", num_cpus=2)
     yield path
     ray.shutdown()
 
@@ -61,8 +61,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(reference_dir, tmp_pat
     args = [sys.executable, "-m", "dpo_ray.cli", "train", "--config", "configs/tiny.yaml",
             "--reference", str(reference_dir), "--out", str(tmp_path / "train"), f"run.root={tmp_path}",
             "train.epochs=40", "train.checkpoint_every=5", "train.batch_size=4", "train.micro_batch_size=2"]
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
+    env = isolated_env()
     first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
     deadline = time.time() + 300

@@ -19,7 +19,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
-import ray
 
 from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
