@@ -170,7 +170,7 @@ class _DeepSpeed:
     def save(self, path: Path, rank: int, tokenizer) -> None:
         import deepspeed
 
-        self.model.save_checkpoint(str(path / "deepspeed"), tag="latest")
+        self.model.save_checkpoint(str(path / "deepspeed"), tag="state")
         params = list(self.raw.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=self.t.zero_stage == 3):
             if rank == 0:
@@ -178,7 +178,7 @@ class _DeepSpeed:
                 tokenizer.save_pretrained(path / POLICY_DIR)
 
     def load(self, path: Path) -> None:
-        self.model.load_checkpoint(str(path / "deepspeed"), tag="latest")
+        self.model.load_checkpoint(str(path / "deepspeed"), tag="state")
 
 
 def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
