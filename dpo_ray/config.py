@@ -34,7 +34,8 @@ class RunConfig(_Section):
     tracking_uri: str | None = None
     # None: join $RAY_ADDRESS or a running cluster if any, else start a local one.
     ray_address: str | None = None
-    # CPU threads per torch process; 0 lets torch decide (all cores).
+    # CPU threads per torch process (model actors, training workers); 0: all cores of the node. Set it when
+    # several model actors or workers share a node.
     torch_threads: int = Field(0, ge=0)
 
 
