@@ -80,7 +80,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "load_average": load_average(),
-        "code": code_version(),
+        "code_at_start": _CODE_AT_START,
     }
 
 
@@ -100,6 +100,10 @@ def code_version() -> dict:
         digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
     return {"commit": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain", "--", "dpo_ray").splitlines(),
             "dpo_ray_sha256": digest.hexdigest()[:16]}
+
+
+# Taken when a script starts, i.e. when it imports dpo_ray: the code it measured (dpo_ray may change mid-run).
+_CODE_AT_START = code_version()
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10, threads: int = 2) -> dict:
@@ -229,7 +233,7 @@ def summarize(times: list[float], warmup: int, cpu: list[float] | None = None) -
 
 
 def write_result(name: str, payload: dict) -> Path:
-    """benchmarks/results/<name>-<UTC timestamp>.json plus <name>-latest.json; returns the timestamped path."""
+    """benchmarks/results/<name>-<UTC timestamp>.json; returns its path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     payload = {"benchmark": name, "utc": stamp, "command": " ".join([Path(sys.executable).name] + sys.argv),
@@ -237,7 +241,6 @@ def write_result(name: str, payload: dict) -> Path:
     text = json.dumps(payload, indent=2, default=float)
     path = RESULTS / f"{name}-{stamp}.json"
     path.write_text(text + "\n")
-    (RESULTS / f"{name}-latest.json").write_text(text + "\n")
     return path
 
 

