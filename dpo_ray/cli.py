@@ -51,7 +51,7 @@ def stage_main(stage: str, argv: list[str] | None = None) -> None:
     from dpo_ray.stages import evaluate, label, reference, sample, train
     from dpo_ray.tracking import Tracker
 
-    args = _parser(stage).parse_args(argv)
+    args = _parser(stage).parse_intermixed_args(argv)
     cfg = _load(args)
     init_ray(cfg)
     out = Path(args.out).resolve()
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     if command in ("run", "frontier"):
         from dpo_ray.pipeline import run_frontier, run_pipeline
 
-        (run_pipeline if command == "run" else run_frontier)(_load(_parser(None).parse_args(rest)))
+        (run_pipeline if command == "run" else run_frontier)(_load(_parser(None).parse_intermixed_args(rest)))
     elif command in _STAGE_INPUTS:
         stage_main(command, rest)
     else:

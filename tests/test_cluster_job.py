@@ -7,9 +7,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -24,12 +26,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def two_node_cluster(tmp_path):
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+def two_node_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # this process connects to the cluster too
+    # Ray 2.60 turns token authentication on for `ray start --head`; a second `ray start` on the same machine
+    # would need the token passed along. This cluster only listens on 127.0.0.1 and lives for one test.
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "disabled"}
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
     port, dashboard = _free_port(), _free_port()
-    temp = tmp_path / "ray"
+    # Short: Ray's Unix socket paths under the temp dir must stay under the 107-character limit.
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     head = [RAY, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
             "--num-cpus=1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--include-dashboard=true"]
     subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
@@ -38,7 +44,11 @@ def two_node_cluster(tmp_path):
         subprocess.run(worker, check=True, env=env, capture_output=True, timeout=180)
         yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{port}", env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=180)
+        # Not `ray stop`: it would stop every Ray instance on the machine, not just this cluster.
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if proc.pid != os.getpid() and (str(temp) in cmdline or f"127.0.0.1:{port}" in cmdline):
+                proc.kill()
         shutil.rmtree(temp, ignore_errors=True)
 
 
