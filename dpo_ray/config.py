@@ -63,7 +63,15 @@ class DataConfig(_Section):
     on_bad_rows: Literal["error", "skip"] = "error"
 
 
-class SampleConfig(_Section):
+class _ActorPool(_Section):
+    """Resources of a stage's Ray Data actor pool, each actor holding one model."""
+
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+
+class SampleConfig(_ActorPool):
     backend: Literal["transformers", "vllm"] = "transformers"
     n: int = Field(4, ge=1)
     max_new_tokens: int = Field(48, ge=1)
@@ -71,9 +79,6 @@ class SampleConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     # Prompts per generate call (each prompt yields n sequences).
     batch_size: int = Field(16, ge=1)
-    num_actors: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0)
     tensor_parallel_size: int = Field(1, ge=1)
 
 
@@ -96,11 +101,9 @@ class LabelConfig(_Section):
         return self
 
 
-class ReferenceConfig(_Section):
+class ReferenceConfig(_ActorPool):
+    # Sequences per forward pass.
     batch_size: int = Field(8, ge=1)
-    num_actors: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0)
 
 
 class TrainConfig(_Section):
