@@ -162,4 +162,5 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: str | torch.device
 def set_torch_threads(threads: int) -> None:
     """0 means every core this process may run on. Ray sets OMP_NUM_THREADS to an actor's logical num_cpus
     (1 by default), which would leave a model actor on one core of an otherwise idle node."""
-    torch.set_num_threads(threads if threads > 0 else len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads if threads > 0 else cores)
