@@ -117,8 +117,9 @@ def make_fixed_vllm_sampler(per_request_seed: bool = True):
             )
 
         def generate(self, prompt_ids, prompt_keys):
-            # One seed per prompt (vLLM gives sample j the seed + j): a completion depends on the run seed and its
-            # prompt id, not on the batch, the actor or when the engine scheduled it.
+            # One seed per prompt (vLLM gives its j-th sample seed + j). The engine seed alone did not reproduce
+            # runs (16 of 24 completions repeated): the engine draws each step's batch from one random stream, so
+            # a completion depends on which requests share its steps.
             params = [
                 self.sampling_params(
                     n=self.n, temperature=self.temperature, top_p=self.cfg.sample.top_p,
