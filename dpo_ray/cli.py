@@ -70,6 +70,17 @@ def stage_main(stage: str, argv: list[str] | None = None) -> None:
     print(f"[dpo-ray] {stage} output: {out} ({artifacts.MANIFEST}: {manifest['key'][:12]})")
 
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def script_main(command: str) -> None:
+    """Entry of the pipelines/ scripts: `command` with the embedded default config unless --config is given."""
+    args = sys.argv[1:]
+    if "--config" not in args:
+        args = ["--config", str(DEFAULT_CONFIG), *args]
+    main([command, *args])
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -11,10 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpo_ray.cli import main  # noqa: E402
+from dpo_ray.cli import script_main  # noqa: E402
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--config" not in args:
-        args = ["--config", str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml"), *args]
-    main(["frontier", *args])
+    script_main("frontier")

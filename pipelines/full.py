@@ -12,10 +12,7 @@ from pathlib import Path
 # Importable from a plain checkout too (e.g. a Ray job's working dir), not only from an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpo_ray.cli import main  # noqa: E402
+from dpo_ray.cli import script_main  # noqa: E402
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--config" not in args:
-        args = ["--config", str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml"), *args]
-    main(["run", *args])
+    script_main("run")
