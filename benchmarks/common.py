@@ -246,3 +246,22 @@ def write_result(name: str, payload: dict) -> Path:
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def alternate(sides: dict, rounds: int) -> tuple[dict, dict, dict]:
+    """Run each side's fn(round) once per round, sides interleaved (A, B, A, B, ...) so drift hits both alike.
+
+    Returns wall seconds, CPU seconds and fn outputs, each {side: [per round]}.
+    """
+    times = {s: [] for s in sides}
+    cpu = {s: [] for s in sides}
+    outputs = {s: [] for s in sides}
+    for i in range(rounds):
+        for side, fn in sides.items():
+            with Clock() as clock:
+                out = fn(i)
+            times[side].append(clock.wall)
+            cpu[side].append(clock.cpu)
+            outputs[side].append(out)
+            log(f"round {i} {side}: {clock.wall:.2f}s wall, {clock.cpu:.2f}s cpu, {out}; load {load_average()}")
+    return times, cpu, outputs

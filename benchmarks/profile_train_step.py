@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 
 import common
 from train_throughput import build_engine, reference_logps

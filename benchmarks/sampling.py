@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import statistics
-import time
 
 import torch
 
@@ -91,18 +90,7 @@ def main() -> None:
         return total
 
     sides = {"ours": ours, "hf": hf}
-    times = {s: [] for s in sides}
-    cpu = {s: [] for s in sides}
-    tokens = {s: [] for s in sides}
-    for i in range(args.repeats):
-        for side, fn in sides.items():
-            with common.Clock() as clock:
-                n_tokens = fn(i)
-            times[side].append(clock.wall)
-            cpu[side].append(clock.cpu)
-            tokens[side].append(n_tokens)
-            common.log(f"round {i} {side}: {clock.wall:.1f}s wall, {clock.cpu:.1f}s cpu, {n_tokens} tokens "
-                       f"({n_tokens / times[side][-1]:.0f} tok/s); load {common.load_average()}")
+    times, cpu, tokens = common.alternate(sides, args.repeats)
 
     results = {}
     for side in sides:

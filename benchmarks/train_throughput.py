@@ -41,7 +41,6 @@ import common
 
 def reference_logps(path: str, pairs: list[dict]) -> tuple[list[float], list[float]]:
     """The reference stage's scorer (LogProbScorer, in this process, no Ray) over the pairs: what training reads."""
-    import pyarrow as pa
 
     from dpo_ray import schemas
     from dpo_ray.config import load_config
@@ -203,18 +202,7 @@ def main() -> None:
                 params = params or common.n_params(model)
         common.log(f"set up {list(steps)}; {params / 1e6:.1f}M parameters; load {common.load_average()}")
 
-        times = {s: [] for s in steps}
-        cpu = {s: [] for s in steps}
-        info = {s: [] for s in steps}
-        for i in range(rounds):
-            for side, fn in steps.items():
-                with common.Clock() as clock:
-                    out = fn(i)
-                times[side].append(clock.wall)
-                cpu[side].append(clock.cpu)
-                info[side].append(out)
-                common.log(f"round {i} {side}: {clock.wall:.2f}s wall, {clock.cpu:.2f}s cpu, {out}; "
-                           f"load {common.load_average()}")
+        times, cpu, info = common.alternate(steps, rounds)
     peak_after = common.matmul_peak_gflops(threads=args.threads)
     peak = max(peak_before["best_gflops"], peak_after["best_gflops"])
 
