@@ -73,11 +73,11 @@ def stage_main(stage: str, argv: list[str] | None = None) -> None:
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
-def script_main(command: str) -> None:
-    """Entry of the pipelines/ scripts: `command` with the embedded default config unless --config is given."""
+def script_main(command: str, default_config: Path = DEFAULT_CONFIG) -> None:
+    """Entry of the pipelines/ scripts: `command` with `default_config` unless --config is given."""
     args = sys.argv[1:]
     if "--config" not in args:
-        args = ["--config", str(DEFAULT_CONFIG), *args]
+        args = ["--config", str(default_config), *args]
     main([command, *args])
 
 

@@ -33,7 +33,7 @@ COMPLETIONS = pa.schema(
         ("sample_index", pa.int32()),
         ("completion", pa.string()),
         ("completion_ids", TOKENS),
-        # Sum of the sampler's own log-probs (of the temperature/top-p distribution it sampled from).
+        # Sum of the sampling model's untempered log-probs of the completion tokens (vLLM: its raw logprobs).
         ("sample_logp", pa.float64()),
         ("finish_reason", pa.string()),
         ("prompt_truncated", pa.bool_()),

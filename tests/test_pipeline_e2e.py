@@ -145,3 +145,23 @@ def test_changed_training_config_reruns_only_train_and_evaluate(tiny_run):
     for stage in ("train", "evaluate"):
         assert f"[dpo-ray] {stage}: running" in third.stdout
     assert read_manifest(run_dir / "train")["inputs"]["train"]["beta"] == 0.2
+
+
+def test_offline_pipeline_runs_reference_train_evaluate_on_preference_data(tmp_path):
+    """pipelines/offline.py: no sample or label stage of its own; the shipped HH-style pairs feed the round."""
+    env = isolated_env()
+    proc = subprocess.run(
+        [sys.executable, "pipelines/offline.py", f"run.root={tmp_path}", "model.policy=builtin:tiny-llama",
+         "run.torch_threads=1", "data.num_eval_prompts=4", "sample.max_new_tokens=8", "train.lr=1e-3"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_dir = tmp_path / "offline"
+    assert not (run_dir / "sample").exists()
+    label = read_manifest(run_dir / "label")["stats"]
+    assert label["pairs"] == 24
+    reference = schemas.read_table(run_dir / "reference", schemas.REFERENCE)
+    assert reference.num_rows == 24
+    assert read_manifest(run_dir / "train")["stats"]["pairs"] == 24
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert metrics["eval_prompts"] == 4

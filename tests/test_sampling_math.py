@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from dpo_ray.stages.sample import _filter_top_p, sample_seed, sample_tokens
+from dpo_ray.logprobs import shared_prompt_batch, shared_prompt_logps
+from dpo_ray.stages.sample import _filter_top_p, draw_tokens, sample_seed, sample_tokens
 
 from conftest import PAD_ID
 
@@ -67,6 +68,33 @@ def test_sample_seed_deterministic_and_distinct():
     assert sample_seed(0, "p1", 1) != sample_seed(0, "p11", 0)  # no "p1"+"1" vs "p11"+"" collision
     for s in seeds:
         assert 0 <= s < 2**63
+
+
+# ------------------------------------------------------------------------------------------- draw_tokens
+
+
+def test_draw_tokens_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    draws = 20000
+    generators = [torch.Generator().manual_seed(i) for i in range(draws)]
+    tokens = draw_tokens(probs.expand(draws, -1), generators)
+    freq = torch.bincount(tokens, minlength=5).float() / draws
+    # Binomial standard error at p=0.5 and 20000 draws is 0.0035; 0.015 is over 4 of them.
+    assert torch.allclose(freq, probs, atol=0.015), freq
+    assert freq[1] == 0 and freq[4] == 0
+
+
+def test_draw_tokens_never_picks_zero_mass_even_at_the_cdf_end():
+    probs = torch.tensor([[0.0, 1.0, 0.0, 0.0]] * 64)
+    tokens = draw_tokens(probs, [torch.Generator().manual_seed(i) for i in range(64)])
+    assert tokens.tolist() == [1] * 64
+
+
+def test_draw_tokens_row_depends_only_on_its_generator():
+    probs = torch.rand(3, 100).softmax(-1)
+    alone = draw_tokens(probs[1:2], [torch.Generator().manual_seed(7)])
+    batched = draw_tokens(probs, [torch.Generator().manual_seed(s) for s in (1, 7, 3)])
+    assert batched[1] == alone[0]
 
 
 # ----------------------------------------------------------------------------------------- sample_tokens
@@ -133,6 +161,16 @@ def test_logp_is_raw_logsoftmax_of_sampled_tokens(llama, temperature, top_p):
     for prompt, (ids, logp, finish) in zip(prompts, out):
         assert len(ids) == 6 and finish == "length"
         assert logp == pytest.approx(raw_logp(llama, prompt, ids), abs=1e-3)
+
+
+def test_logp_equals_what_the_scorer_computes(llama):
+    # evaluate reuses sample_logp in place of a scoring pass of the sampling model (fp32, transformers backend).
+    prompts = [SHORT, LONG, [30]]
+    out = run(llama, prompts, [5, 6, 7, 8, 9, 10], max_new=6, n=2)
+    batch = shared_prompt_batch(prompts, [[ids for ids, _, _ in out[2 * i : 2 * i + 2]] for i in range(3)], PAD_ID)
+    with torch.no_grad():
+        scored, _ = shared_prompt_logps(llama, **batch)
+    assert [logp for _, logp, _ in out] == pytest.approx(scored.tolist(), abs=1e-4)
 
 
 def test_eos_stops_one_row_and_not_the_other(llama):

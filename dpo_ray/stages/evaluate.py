@@ -1,7 +1,8 @@
 """evaluate: the trained policy against the reference on held-out prompts.
 
 Both models sample `samples_per_prompt` completions per held-out prompt (temperature 1 by default); every
-sample is scored by the labeler and by both models' log-probs (the training forward code). Reported:
+sample is scored by the labeler and by both models' log-probs (the training forward code, or for a sample's own
+model with the transformers backend, the sampler's identical log-prob). Reported:
 - mean reward of each model, and the policy's win rate: sample i of the policy against sample i of the
   reference on the same prompt, ties counting one half;
 - KL(pi || pi_ref) per sequence, the Monte-Carlo mean of log pi(y|x) - log pi_ref(y|x) over policy samples;
@@ -119,15 +120,25 @@ def run(cfg: PipelineConfig, prompts_path: str, policy_path: str, out_dir: str, 
     max_new = e.max_new_tokens or s.max_new_tokens
     eval_prompts = read_split(prompts_path, "eval")
     # Each model-holding step is materialized before the next starts, so a small node never has to fit
-    # every actor pool at once.
-    tagged = []
-    for name, spec in (("policy", policy_path), ("reference", reference)):
+    # every actor pool at once. In fp32 the transformers sampler's sample_logp is its model's untempered
+    # log-prob as the scorer computes it (tested to 1e-4), so each model scores only the other model's samples.
+    reuse_sample_logp = cfg.sample.backend == "transformers" and cfg.model.dtype == "float32"
+    models = {"policy": policy_path, "reference": reference}
+    sampled = {}
+    for name, spec in models.items():
         ds = sample_dataset(eval_prompts, cfg, spec, e.samples_per_prompt, max_new, e.temperature, cfg.run.seed + 1)
-        tagged.append(ds.map_batches(lambda b, name=name: b.append_column("model", pa.array([name] * b.num_rows)),
-                                     batch_format="pyarrow").materialize())
-    samples = add_rewards(tagged[0].union(tagged[1]), cfg, e.labeler or cfg.label.labeler).materialize()
-    samples = score_logps(samples, cfg, policy_path, {"completion_ids": "policy_logp"}).materialize()
-    samples = score_logps(samples, cfg, reference, {"completion_ids": "reference_logp"})
+        sampled[name] = ds.map_batches(lambda b, name=name: b.append_column("model", pa.array([name] * b.num_rows)),
+                                       batch_format="pyarrow").materialize()
+    scored = []
+    for name, other in (("policy", "reference"), ("reference", "policy")):
+        ds = sampled[name]
+        if reuse_sample_logp:
+            ds = ds.map_batches(lambda b, name=name: b.append_column(f"{name}_logp", b["sample_logp"]),
+                                batch_format="pyarrow")
+        else:
+            ds = score_logps(ds, cfg, models[name], {"completion_ids": f"{name}_logp"}).materialize()
+        scored.append(score_logps(ds, cfg, models[other], {"completion_ids": f"{other}_logp"}).materialize())
+    samples = add_rewards(scored[0].union(scored[1]), cfg, e.labeler or cfg.label.labeler)
 
     def to_eval_schema(b: pa.Table) -> pa.Table:
         b = b.append_column("completion_tokens", pa.compute.list_value_length(b["completion_ids"]).cast(pa.int32()))

@@ -48,6 +48,20 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def draw_tokens(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of probs (rows, vocab) by inverse CDF, row i's uniform drawn from generators[i].
+
+    One uniform per row keeps a row's draw independent of its batch, like a per-row torch.multinomial, which
+    however draws a vocab-sized exponential vector per row: 30x slower here, 14% of a decode step.
+    """
+    uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]).to(probs.dtype)
+    cdf = probs.cumsum(-1)
+    token = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    # Rounding can put the target at the very end of the CDF; the last token of nonzero mass is the right one.
+    last_nonzero = (probs > 0).cumsum(-1).argmax(-1)
+    return torch.minimum(token, last_nonzero)
+
+
 @torch.inference_mode()
 def sample_tokens(
     model,
@@ -91,8 +105,7 @@ def sample_tokens(
         if temperature == 0:
             token = logits.argmax(-1)
         else:
-            probs = _filter_top_p(logits / temperature, top_p).softmax(-1)
-            token = torch.cat([torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(rows)])
+            token = draw_tokens(_filter_top_p(logits / temperature, top_p).softmax(-1), generators)
         logp += torch.where(done, 0.0, raw_logprobs.gather(-1, token[:, None]).squeeze(-1).double())
         token = torch.where(done, pad_id, token)
         steps.append(token)
