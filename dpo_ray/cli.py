@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     command, rest = argv[0], argv[1:]
+    try:
+        _dispatch(command, rest)
+    except ConfigError as err:  # raised after load too, e.g. by the check of resources against the cluster
+        sys.exit(f"dpo-ray: config error: {err}")
+
+
+def _dispatch(command: str, rest: list[str]) -> None:
     if command in ("run", "frontier"):
         from dpo_ray.pipeline import run_frontier, run_pipeline
 

@@ -37,6 +37,9 @@ class RunConfig(_Section):
     # CPU threads per torch process (model actors, training workers); 0: all cores of the node. Set it when
     # several model actors or workers share a node.
     torch_threads: int = Field(0, ge=0)
+    # Compare every stage's CPU/GPU request with the cluster before any work; turn off on an autoscaling
+    # cluster whose nodes appear only on demand.
+    check_resources: bool = True
 
 
 class ModelConfig(_Section):
@@ -313,3 +316,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_config(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def check_resources(cfg: PipelineConfig, total: dict[str, float], largest_node: dict[str, float]) -> None:
+    """Raise ConfigError naming the key if a stage asks for more CPUs or GPUs than the Ray cluster has.
+
+    Stages run one after another, so each must fit on its own. Without this check an actor pool or a Ray
+    Train worker group that cannot be placed waits forever instead of failing.
+    """
+    s, r, t = cfg.sample, cfg.reference, cfg.train
+    tp = s.tensor_parallel_size if s.backend == "vllm" else 1
+    sample_gpus = s.gpus_per_actor if tp == 1 else tp  # a tensor-parallel engine takes one GPU per shard
+    requests = [
+        # (key, what, per unit, units)
+        ("sample.gpus_per_actor" if tp == 1 else "sample.tensor_parallel_size", "GPU", sample_gpus, s.num_actors),
+        ("sample.cpus_per_actor", "CPU", s.cpus_per_actor, s.num_actors),
+        ("reference.gpus_per_actor", "GPU", r.gpus_per_actor, r.num_actors),
+        ("reference.cpus_per_actor", "CPU", r.cpus_per_actor, r.num_actors),
+        ("train.use_gpu", "GPU", 1.0 if t.use_gpu else 0.0, t.num_workers),
+        ("train.cpus_per_worker", "CPU", t.cpus_per_worker, t.num_workers),
+    ]
+    for key, resource, each, units in requests:
+        have, on_one_node = total.get(resource, 0.0), largest_node.get(resource, 0.0)
+        if each * units > have + 1e-9:
+            raise ConfigError(f"{key}: {units} x {each:g} {resource} = {each * units:g} {resource}, but the Ray "
+                              f"cluster has {have:g} (set run.check_resources=false on an autoscaling cluster)")
+        if tp == 1 and each > on_one_node + 1e-9:
+            raise ConfigError(f"{key}: {each:g} {resource} per process, but no Ray node has more than "
+                              f"{on_one_node:g}")

@@ -7,6 +7,8 @@ what is missing. Training resumes inside the stage from its Ray Train checkpoint
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import time
@@ -17,7 +19,7 @@ from typing import Callable
 import ray
 
 from dpo_ray import artifacts
-from dpo_ray.config import PipelineConfig, merge, build_config, round_config
+from dpo_ray.config import PipelineConfig, build_config, check_resources, merge, round_config
 from dpo_ray.models import model_fingerprint, resolve_model
 from dpo_ray.stages import evaluate, label, reference, sample, train
 from dpo_ray.tracking import Tracker, numeric
@@ -26,12 +28,16 @@ _FORWARDED_ENV = ("DPO_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TOKENIZERS_PARA
 
 
 def init_ray(cfg: PipelineConfig) -> None:
-    """Join $RAY_ADDRESS / run.ray_address or a cluster started with `ray start`, else start a local one."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-    ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": env})
+    """Join $RAY_ADDRESS / run.ray_address or a cluster started with `ray start`, else start a local one; then
+    check that every stage's resource request fits the cluster (ConfigError naming the key if not)."""
+    if not ray.is_initialized():
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+        ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": env})
+    if cfg.run.check_resources:
+        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        largest = {k: max(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")} if nodes else {}
+        check_resources(cfg, ray.cluster_resources(), largest)
 
 
 def check_writable(folder: Path, min_free_gb: float = 1.0) -> None:
@@ -55,6 +61,25 @@ def source_digest(path: str) -> str:
     return artifacts.folder_digest(p) if p.is_dir() else artifacts.file_digest(p)
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def _disk_full_is_clear(stage: str, final: Path, tmp: Path):
+    """Turn a full disk anywhere in a stage into one clear error, and free what the stage had written."""
+    try:
+        yield
+    except Exception as err:
+        # Ray re-raises a worker's OSError as a RayTaskError subclass that may lose errno but keeps the text.
+        if getattr(err, "errno", None) not in _DISK_FULL and "No space left on device" not in str(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        free_gb = shutil.disk_usage(final.parent).free / 2**30
+        raise OSError(errno.ENOSPC, f"{stage}: disk full while writing {final} ({free_gb:.2f} GiB free now); "
+                      "nothing was published and the partial output was removed; free space and rerun "
+                      "(finished stages are skipped)") from err
+
+
 class StageRunner:
     """Runs one stage into its folder unless a matching manifest says it is already done."""
 
@@ -75,16 +100,17 @@ class StageRunner:
         tmp.mkdir(parents=True)
         print(f"[dpo-ray] {name}: running -> {final}", flush=True)
         started = time.time()
-        if self.tracker:
-            with self.tracker.stage(name) as run_id:
-                stats = fn(tmp, run_id, key)
-                manifest = self._manifest(name, key, inputs, stats, started)
-                self.tracker.log_stage({**stats, "seconds": manifest["seconds"]}, tmp)
-                manifest = artifacts.publish(tmp, final, manifest)
-                self.tracker.mlflow.log_artifact(str(final / artifacts.MANIFEST))
-        else:
-            stats = fn(tmp, None, key)
-            manifest = artifacts.publish(tmp, final, self._manifest(name, key, inputs, stats, started))
+        with _disk_full_is_clear(name, final, tmp):
+            if self.tracker:
+                with self.tracker.stage(name) as run_id:
+                    stats = fn(tmp, run_id, key)
+                    manifest = self._manifest(name, key, inputs, stats, started)
+                    self.tracker.log_stage({**stats, "seconds": manifest["seconds"]}, tmp)
+                    manifest = artifacts.publish(tmp, final, manifest)
+                    self.tracker.mlflow.log_artifact(str(final / artifacts.MANIFEST))
+            else:
+                stats = fn(tmp, None, key)
+                manifest = artifacts.publish(tmp, final, self._manifest(name, key, inputs, stats, started))
         print(f"[dpo-ray] {name}: done in {manifest['seconds']:.0f}s {stats}", flush=True)
         return manifest
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpo_ray.config import ConfigError, PipelineConfig, dump_config, load_config, parse_overrides
+from dpo_ray.config import ConfigError, PipelineConfig, check_resources, dump_config, load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,3 +190,34 @@ def test_round_config_samples_from_the_previous_policy():
     previous_ref = load_config(None, ["rounds.count=2", "rounds.reference=previous", "rounds.init=initial"])
     second = round_config(previous_ref, 2, "/p1")
     assert second.reference_model == "/p1" and second.train.init_from == base.model.policy
+
+
+# ------------------------------------------------------------------------------- resources vs the cluster
+
+CPU_NODE = {"CPU": 2.0}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sample.gpus_per_actor=1"], r"^sample\.gpus_per_actor: 1 x 1 GPU = 1 GPU, but the Ray cluster has 0 "),
+    (["reference.num_actors=2", "reference.gpus_per_actor=0.5"], r"^reference\.gpus_per_actor: 2 x 0\.5 GPU"),
+    (["train.use_gpu=true"], r"^train\.use_gpu: 1 x 1 GPU = 1 GPU, but the Ray cluster has 0"),
+    (["train.num_workers=4", "train.batch_size=8", "train.micro_batch_size=2"], r"^train\.cpus_per_worker: 4 x 1 CPU"),
+    (["sample.backend=vllm", "sample.tensor_parallel_size=2"], r"^sample\.tensor_parallel_size: 1 x 2 GPU"),
+])
+def test_requests_beyond_the_cluster_fail_naming_the_key(overrides, message):
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_resources(cfg, CPU_NODE, CPU_NODE)
+
+
+def test_requests_that_fit_pass_and_gpu_clusters_take_gpu_configs():
+    check_resources(load_config(None, []), CPU_NODE, CPU_NODE)
+    gpu = load_config(None, ["sample.gpus_per_actor=1", "sample.num_actors=4", "train.use_gpu=true",
+                             "train.num_workers=8", "train.batch_size=16", "train.micro_batch_size=2"])
+    check_resources(gpu, {"CPU": 64.0, "GPU": 8.0}, {"CPU": 32.0, "GPU": 4.0})
+
+
+def test_one_process_must_fit_on_one_node():
+    cfg = load_config(None, ["sample.gpus_per_actor=2"])
+    with pytest.raises(ConfigError, match=r"^sample\.gpus_per_actor: 2 GPU per process, but no Ray node has more than 1"):
+        check_resources(cfg, {"CPU": 8.0, "GPU": 4.0}, {"CPU": 2.0, "GPU": 1.0})

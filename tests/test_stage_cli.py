@@ -92,3 +92,11 @@ def test_offline_preference_data_feeds_reference_and_train(chain):
           *common, *prefs])
     main(["train", "--reference", str(root / "offline_ref"), "--out", str(root / "offline_train"), *common, *prefs])
     assert read_manifest(root / "offline_train")["stats"]["pairs"] == 24
+
+
+def test_more_gpus_than_the_cluster_fails_before_any_work(chain):
+    root, common = chain
+    with pytest.raises(SystemExit, match=r"^dpo-ray: config error: sample\.gpus_per_actor: 2 x 1 GPU = 2 GPU, but "
+                                         r"the Ray cluster has 0"):
+        main(["sample", "--out", str(root / "gpu"), *common, "sample.num_actors=2", "sample.gpus_per_actor=1"])
+    assert not (root / "gpu").exists()
