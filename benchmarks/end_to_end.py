@@ -49,7 +49,7 @@ def main() -> None:
         if name == "reference" and s.get("pairs"):
             notes.append(f"{s['pairs']} pairs ({s['pairs'] / m['seconds']:.2f} pairs/s incl. startup)")
         if name == "train" and s.get("tokens"):
-            notes.append(f"{s.get('steps')} steps, {s['tokens']} tokens, last step {s.get('tokens_per_s', 0):.0f} tok/s")
+            notes.append(f"{s.get('steps')} steps, {s['tokens']} tokens, last step {s['final/tokens_per_s']:.0f} tok/s")
         rows.append({"stage": name, "seconds": m["seconds"], "share": m["seconds"] / total,
                      "finished_at": m.get("finished_at"), "stats": s})
         print(f"{name:<10} {m['seconds']:>8.1f} {100 * m['seconds'] / total:>5.1f}%  {m.get('finished_at', ''):<20} "

@@ -1,6 +1,7 @@
 """Faults a long cluster run meets: a training worker killed mid-run, a driver killed mid-stage, a bad run root."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,7 +91,10 @@ def test_killed_training_worker_is_restarted_from_checkpoint_and_matches_uninter
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, rest[-3000:]
-    assert "resumed from step 10" in rest
+    # The newest checkpoint the controller had registered when the worker died: step 10, or step 5 when the
+    # step-10 report was still in flight (Ray Train registers checkpoints asynchronously).
+    resumed = re.search(r"resumed from step (\d+)", rest)
+    assert resumed and int(resumed.group(1)) in (5, 10), rest[-3000:]
     assert read_manifest(tmp_path / "killed")["stats"]["steps"] == 120
     a = load_file(tmp_path / "clean" / "policy" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "policy" / "model.safetensors")

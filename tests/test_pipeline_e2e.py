@@ -5,6 +5,7 @@ checks that finished stages are skipped and that the MLflow parent run is reused
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,9 @@ def test_offline_pipeline_runs_reference_train_evaluate_on_preference_data(tmp_p
     assert read_manifest(run_dir / "train")["stats"]["pairs"] == 24
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     assert metrics["eval_prompts"] == 4
+
+
+def test_local_ray_dashboard_binds_loopback_only(tiny_run):
+    _, _, first = tiny_run
+    urls = re.findall(r"View the dashboard at \S*?http://([\d.]+):", first.stdout + first.stderr)
+    assert urls == ["127.0.0.1"]

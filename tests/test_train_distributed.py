@@ -37,7 +37,7 @@ def reference_dir(tmp_path_factory):
 @pytest.mark.parametrize("overrides", [
     ["train.strategy=ddp"],
     ["train.strategy=deepspeed", "train.zero_stage=2"],
-    pytest.param(["train.strategy=deepspeed", "train.zero_stage=3"], marks=pytest.mark.unverified),
+    ["train.strategy=deepspeed", "train.zero_stage=3"],
 ], ids=["ddp", "zero2", "zero3"])
 def test_two_workers_train_and_save_policy(reference_dir, tmp_path, overrides):
     cfg = load_config("configs/tiny.yaml", [

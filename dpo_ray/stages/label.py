@@ -23,7 +23,7 @@ import torch
 from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.inputs import Reject, read_preferences, write_rejects
-from dpo_ray.models import load_tokenizer, resolve_model, set_torch_threads
+from dpo_ray.models import ModelError, load_tokenizer, resolve_model, set_torch_threads
 from dpo_ray.pairs import PairStats, build_pairs
 from dpo_ray.stages.reference import score_logps
 from dpo_ray.text import TokenizationError, completion_token_ids, prompt_token_ids
@@ -50,11 +50,6 @@ class RewardModelScorer:
         local = resolve_model(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             local, trust_remote_code=trust, use_safetensors=True).eval()
-        if self.model.config.num_labels != 1:
-            raise ValueError(
-                f"reward model {path} has a {self.model.config.num_labels}-output head; "
-                "label.reward_model needs a single-score head (num_labels=1)"
-            )
         self.tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -77,6 +72,17 @@ class RewardModelScorer:
         return batch.append_column("reward", pa.array(scores, pa.float64()))
 
 
+def check_reward_model(path: str, trust_remote_code: bool) -> None:
+    """Fail in the driver when the stage starts, not in an actor later: a missing folder or a head that does not
+    give one score per sequence (a 2-class sentiment classifier, say) is a config error."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(path), trust_remote_code=trust_remote_code)
+    if config.num_labels != 1:
+        raise ModelError(f"label.reward_model: {path} has a {config.num_labels}-output head; a reward model "
+                         "needs a single-score head (num_labels=1)")
+
+
 def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, labeler: str | None = None) -> ray.data.Dataset:
     """Append a `reward` column to a dataset with prompt/completion text and prompt_ids/completion_ids."""
     lab = cfg.label
@@ -85,6 +91,7 @@ def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, labeler: str | None =
         return ds.map_batches(SentimentScorer, batch_format="pyarrow", batch_size=lab.batch_size,
                               compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
     if labeler == "reward_model":
+        check_reward_model(lab.reward_model, cfg.model.trust_remote_code)
         return ds.map_batches(
             RewardModelScorer, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "path": lab.reward_model},
             batch_format="pyarrow", batch_size=lab.batch_size * 4,
