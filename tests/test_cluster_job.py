@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.unverified]
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -36,20 +36,26 @@ def two_node_cluster(tmp_path, monkeypatch):
     port, dashboard = _free_port(), _free_port()
     # Short: Ray's Unix socket paths under the temp dir must stay under the 107-character limit.
     temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    worker_temp = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))
     head = [RAY, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
             "--num-cpus=1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--include-dashboard=true"]
     subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
     try:
-        worker = [RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", "--node-ip-address=127.0.0.1"]
+        # Its own temp dir, as a real second machine has: sharing the head's would also share the unpacked
+        # job working_dir, which either node's runtime-env agent may delete under the running driver.
+        worker = [RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+                  f"--temp-dir={worker_temp}"]
         subprocess.run(worker, check=True, env=env, capture_output=True, timeout=180)
         yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{port}", env
     finally:
         # Not `ray stop`: it would stop every Ray instance on the machine, not just this cluster.
         for proc in psutil.process_iter(["cmdline"]):
             cmdline = " ".join(proc.info["cmdline"] or [])
-            if proc.pid != os.getpid() and (str(temp) in cmdline or f"127.0.0.1:{port}" in cmdline):
+            if proc.pid != os.getpid() and (str(temp) in cmdline or str(worker_temp) in cmdline
+                                            or f"127.0.0.1:{port}" in cmdline):
                 proc.kill()
         shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(worker_temp, ignore_errors=True)
 
 
 def test_pipeline_as_a_ray_job_on_two_nodes(two_node_cluster, tmp_path):

@@ -66,7 +66,6 @@ def test_disk_full_mid_stage_is_one_clear_error_and_leaves_nothing_that_reads_as
 
 
 @pytest.mark.slow
-@pytest.mark.unverified
 def test_killed_training_worker_is_restarted_from_checkpoint_and_matches_uninterrupted(tmp_path):
     reference = make_reference_parquet(tmp_path / "reference")
     common = ["--config", "configs/tiny.yaml", "--reference", str(reference), "train.epochs=30",
@@ -104,7 +103,6 @@ def test_killed_training_worker_is_restarted_from_checkpoint_and_matches_uninter
 
 
 @pytest.mark.slow
-@pytest.mark.unverified
 def test_driver_killed_mid_stage_leaves_nothing_that_reads_as_complete(tmp_path):
     args = [sys.executable, "pipelines/full.py", "--config", "configs/tiny.yaml", f"run.root={tmp_path}",
             "data.num_train_prompts=16"]

@@ -10,7 +10,7 @@ from conftest import isolated_env
 
 from dpo_ray.artifacts import read_manifest
 
-pytestmark = [pytest.mark.slow, pytest.mark.unverified]
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
