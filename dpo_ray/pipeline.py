@@ -148,7 +148,8 @@ def prepare_pairs(cfg: PipelineConfig, out: Path, stage: "StageRunner") -> Prepa
         labeled = stage("label", out / "label",
                         {"completions": sampled["output_digest"], "label": cfg.label.model_dump(),
                          "labeler_models": _labeler_fingerprints(cfg)},
-                        lambda tmp, _run, _key: label.run(cfg, str(out / "sample" / "completions"), str(tmp)))
+                        lambda tmp, _run, _key: label.run(cfg, str(out / "sample" / "completions"), str(tmp),
+                                                          sampled_by=cfg.model.policy))
     referenced = stage("reference", out / "reference",
                        {"pairs": labeled["output_digest"], "reference": model_fingerprint(cfg.reference_model),
                         "dtype": m.dtype, "limits": _limits(cfg)},

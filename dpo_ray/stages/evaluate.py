@@ -26,7 +26,7 @@ from dpo_ray.config import PipelineConfig
 from dpo_ray.pairs import build_pairs
 from dpo_ray.stages.label import add_rewards
 from dpo_ray.stages.reference import score_logps
-from dpo_ray.stages.sample import read_split, sample_dataset
+from dpo_ray.stages.sample import read_split, sample_dataset, sample_logp_is_exact
 
 
 def _stderr(values: list[float]) -> float:
@@ -120,9 +120,8 @@ def run(cfg: PipelineConfig, prompts_path: str, policy_path: str, out_dir: str, 
     max_new = e.max_new_tokens or s.max_new_tokens
     eval_prompts = read_split(prompts_path, "eval")
     # Each model-holding step is materialized before the next starts, so a small node never has to fit
-    # every actor pool at once. In fp32 the transformers sampler's sample_logp is its model's untempered
-    # log-prob as the scorer computes it (tested to 1e-4), so each model scores only the other model's samples.
-    reuse_sample_logp = cfg.sample.backend == "transformers" and cfg.model.dtype == "float32"
+    # every actor pool at once. Where the sampler's log-prob is exact, each model scores only the other's samples.
+    reuse_sample_logp = sample_logp_is_exact(cfg)
     models = {"policy": policy_path, "reference": reference}
     sampled = {}
     for name, spec in models.items():

@@ -26,6 +26,7 @@ from dpo_ray.inputs import Reject, read_preferences, write_rejects
 from dpo_ray.models import ModelError, load_tokenizer, resolve_model, set_torch_threads
 from dpo_ray.pairs import PairStats, build_pairs
 from dpo_ray.stages.reference import score_logps
+from dpo_ray.stages.sample import sample_logp_is_exact
 from dpo_ray.text import TokenizationError, completion_token_ids, prompt_token_ids
 
 
@@ -83,8 +84,13 @@ def check_reward_model(path: str, trust_remote_code: bool) -> None:
                          "needs a single-score head (num_labels=1)")
 
 
-def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, labeler: str | None = None) -> ray.data.Dataset:
-    """Append a `reward` column to a dataset with prompt/completion text and prompt_ids/completion_ids."""
+def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, labeler: str | None = None,
+                sampled_by: str | None = None) -> ray.data.Dataset:
+    """Append a `reward` column to a dataset with prompt/completion text and prompt_ids/completion_ids.
+
+    `sampled_by`: the model whose `sample_logp` every row carries, if one did; the implicit labeler then takes
+    that model's log-probs from the sampler instead of scoring them again where they are exact.
+    """
     lab = cfg.label
     labeler = labeler or lab.labeler
     if labeler == "sentiment":
@@ -100,7 +106,11 @@ def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, labeler: str | None =
         )
     policy = lab.implicit_policy or cfg.model.policy
     reference = lab.implicit_reference or cfg.reference_model
-    ds = score_logps(ds, cfg, policy, {"completion_ids": "_implicit_policy_logp"}).materialize()
+    if sampled_by == policy and sample_logp_is_exact(cfg):
+        ds = ds.map_batches(lambda b: b.append_column("_implicit_policy_logp", b["sample_logp"]),
+                            batch_format="pyarrow")
+    else:
+        ds = score_logps(ds, cfg, policy, {"completion_ids": "_implicit_policy_logp"}).materialize()
     ds = score_logps(ds, cfg, reference, {"completion_ids": "_implicit_reference_logp"})
     beta = lab.implicit_beta
 
@@ -146,9 +156,10 @@ def _pairs_with_stats(group: pa.Table, mode: str, min_margin: float) -> pa.Table
     return schemas.rows_to_table(pairs, _PAIRING)
 
 
-def run(cfg: PipelineConfig, completions_path: str, out_dir: str) -> dict:
+def run(cfg: PipelineConfig, completions_path: str, out_dir: str, sampled_by: str | None = None) -> dict:
+    """Score completions and pair them; `sampled_by` names the model that sampled them, when the caller knows."""
     out = Path(out_dir)
-    add_rewards(ray.data.read_parquet(completions_path), cfg).write_parquet(str(out / "scored"))
+    add_rewards(ray.data.read_parquet(completions_path), cfg, sampled_by=sampled_by).write_parquet(str(out / "scored"))
     # A few partitions: the default (200) costs a minute of task overhead on a small node.
     partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
     paired = (
