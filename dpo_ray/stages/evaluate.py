@@ -25,8 +25,8 @@ from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.pairs import build_pairs
 from dpo_ray.stages.label import add_rewards
-from dpo_ray.stages.reference import score_logps
-from dpo_ray.stages.sample import read_split, sample_dataset, sample_logp_is_exact
+from dpo_ray.stages.reference import completion_logps_column
+from dpo_ray.stages.sample import read_split, sample_dataset
 
 
 def _stderr(values: list[float]) -> float:
@@ -121,7 +121,6 @@ def run(cfg: PipelineConfig, prompts_path: str, policy_path: str, out_dir: str, 
     eval_prompts = read_split(prompts_path, "eval")
     # Each model-holding step is materialized before the next starts, so a small node never has to fit
     # every actor pool at once. Where the sampler's log-prob is exact, each model scores only the other's samples.
-    reuse_sample_logp = sample_logp_is_exact(cfg)
     models = {"policy": policy_path, "reference": reference}
     sampled = {}
     for name, spec in models.items():
@@ -130,13 +129,8 @@ def run(cfg: PipelineConfig, prompts_path: str, policy_path: str, out_dir: str, 
                                        batch_format="pyarrow").materialize()
     scored = []
     for name, other in (("policy", "reference"), ("reference", "policy")):
-        ds = sampled[name]
-        if reuse_sample_logp:
-            ds = ds.map_batches(lambda b, name=name: b.append_column(f"{name}_logp", b["sample_logp"]),
-                                batch_format="pyarrow")
-        else:
-            ds = score_logps(ds, cfg, models[name], {"completion_ids": f"{name}_logp"}).materialize()
-        scored.append(score_logps(ds, cfg, models[other], {"completion_ids": f"{other}_logp"}).materialize())
+        ds = completion_logps_column(sampled[name], cfg, models[name], f"{name}_logp", sampled_by=models[name])
+        scored.append(completion_logps_column(ds, cfg, models[other], f"{other}_logp", sampled_by=models[name]))
     samples = add_rewards(scored[0].union(scored[1]), cfg, e.labeler or cfg.label.labeler)
 
     def to_eval_schema(b: pa.Table) -> pa.Table:

@@ -25,8 +25,7 @@ from dpo_ray.config import PipelineConfig
 from dpo_ray.inputs import Reject, read_preferences, write_rejects
 from dpo_ray.models import ModelError, load_tokenizer, resolve_model, set_torch_threads
 from dpo_ray.pairs import PairStats, build_pairs
-from dpo_ray.stages.reference import score_logps
-from dpo_ray.stages.sample import sample_logp_is_exact
+from dpo_ray.stages.reference import completion_logps_column
 from dpo_ray.text import TokenizationError, completion_token_ids, prompt_token_ids
 
 
@@ -106,12 +105,8 @@ def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, labeler: str | None =
         )
     policy = lab.implicit_policy or cfg.model.policy
     reference = lab.implicit_reference or cfg.reference_model
-    if sampled_by == policy and sample_logp_is_exact(cfg):
-        ds = ds.map_batches(lambda b: b.append_column("_implicit_policy_logp", b["sample_logp"]),
-                            batch_format="pyarrow")
-    else:
-        ds = score_logps(ds, cfg, policy, {"completion_ids": "_implicit_policy_logp"}).materialize()
-    ds = score_logps(ds, cfg, reference, {"completion_ids": "_implicit_reference_logp"})
+    ds = completion_logps_column(ds, cfg, policy, "_implicit_policy_logp", sampled_by)
+    ds = completion_logps_column(ds, cfg, reference, "_implicit_reference_logp", sampled_by)
     beta = lab.implicit_beta
 
     def implicit_reward(batch: pa.Table) -> pa.Table:

@@ -18,6 +18,7 @@ from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.logprobs import shared_prompt_batch, shared_prompt_logps
 from dpo_ray.models import load_causal_lm, load_tokenizer, set_torch_threads
+from dpo_ray.stages.sample import sample_logp_is_exact
 
 
 class LogProbScorer:
@@ -62,6 +63,15 @@ def score_logps(ds: ray.data.Dataset, cfg: PipelineConfig, model_spec: str, colu
         num_cpus=r.cpus_per_actor,
         num_gpus=r.gpus_per_actor,
     )
+
+
+def completion_logps_column(ds: ray.data.Dataset, cfg: PipelineConfig, model_spec: str, column: str,
+                            sampled_by: str | None = None) -> ray.data.Dataset:
+    """`ds` with `column` = model_spec's summed log-prob of each row's completion_ids. When model_spec sampled
+    the rows (`sampled_by`) and the sampler's log-prob is exact, it is taken from sample_logp, not recomputed."""
+    if sampled_by == model_spec and sample_logp_is_exact(cfg):
+        return ds.map_batches(lambda b: b.append_column(column, b["sample_logp"]), batch_format="pyarrow")
+    return score_logps(ds, cfg, model_spec, {"completion_ids": column}).materialize()
 
 
 def run(cfg: PipelineConfig, pairs_path: str, out_dir: str) -> dict:
