@@ -95,12 +95,20 @@ class LabelConfig(_Section):
     implicit_beta: float = Field(0.1, gt=0)
     pairing: Literal["best_vs_worst", "all_pairs"] = "best_vs_worst"
     min_margin: float = Field(0.0, ge=0)
+    # An external reward that must not contradict the labeler (e.g. implicit self-labels filtered by sentiment):
+    # a pair is kept only if this reward's gap, chosen minus rejected, is at least filter_min_margin.
+    filter_labeler: Literal["sentiment", "reward_model"] | None = None
+    filter_min_margin: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1)
 
     @model_validator(mode="after")
     def _reward_model_needs_path(self) -> "LabelConfig":
-        if self.labeler == "reward_model" and not self.reward_model:
-            raise ValueError("label.reward_model: required when label.labeler is reward_model")
+        for key in ("labeler", "filter_labeler"):
+            if getattr(self, key) == "reward_model" and not self.reward_model:
+                raise ValueError(f"label.reward_model: required when label.{key} is reward_model")
+        if self.filter_labeler == self.labeler:
+            raise ValueError(f"label.filter_labeler: {self.labeler} would only filter by itself; pick another "
+                             "reward or leave it unset")
         return self
 
 

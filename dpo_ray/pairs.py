@@ -17,6 +17,8 @@ class PairStats:
     ties_dropped: int = 0
     # Candidate pairs dropped because their score gap is below min_margin.
     below_margin_dropped: int = 0
+    # Pairs dropped because the filter reward (label.filter_labeler) disagreed with the labeler's order.
+    filter_disagreed: int = 0
     # Prompts that yielded no pair at all.
     prompts_without_pair: int = 0
     nonfinite_scores: int = 0
@@ -34,6 +36,8 @@ def build_pairs(
     scores: Sequence[float],
     mode: str = "best_vs_worst",
     min_margin: float = 0.0,
+    filter_scores: Sequence[float] | None = None,
+    filter_min_margin: float = 0.0,
 ) -> tuple[list[tuple[int, int]], PairStats]:
     """Indices (chosen, rejected) into the completions of ONE prompt, and what was dropped on the way.
 
@@ -41,14 +45,18 @@ def build_pairs(
     all_pairs: every two distinct completions whose scores differ by at least min_margin.
     Identical texts collapse to their first occurrence; equal scores are ties and never make a pair; a pair
     needs a gap of at least min_margin (and above zero). A non-finite score removes its completion.
+    filter_scores: a second, external score per completion; a pair survives only if its filter gap
+    (chosen minus rejected) is at least filter_min_margin, so with 0 the filter may tie but never contradict.
     """
     if len(texts) != len(scores):
         raise ValueError(f"{len(texts)} texts but {len(scores)} scores")
+    if filter_scores is not None and len(filter_scores) != len(scores):
+        raise ValueError(f"{len(scores)} scores but {len(filter_scores)} filter scores")
     stats = PairStats(prompts=1, completions=len(texts))
     seen: set[str] = set()
     keep: list[int] = []
     for i, (text, score) in enumerate(zip(texts, scores)):
-        if score != score or score in (float("inf"), float("-inf")):
+        if not _finite(score) or (filter_scores is not None and not _finite(filter_scores[i])):
             stats.nonfinite_scores += 1
         elif text in seen:
             stats.identical_dropped += 1
@@ -78,8 +86,14 @@ def build_pairs(
             stats.ties_dropped += 1
         elif gap < min_margin:
             stats.below_margin_dropped += 1
+        elif filter_scores is not None and not filter_scores[chosen] - filter_scores[rejected] >= filter_min_margin:
+            stats.filter_disagreed += 1
         else:
             pairs.append((chosen, rejected))
     stats.pairs = len(pairs)
     stats.prompts_without_pair = int(not pairs)
     return pairs, stats
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))

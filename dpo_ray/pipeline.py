@@ -315,12 +315,13 @@ def write_round_report(rounds: list[dict], run_dir: Path) -> str:
 
 def _labeler_fingerprints(cfg: PipelineConfig) -> dict:
     lab = cfg.label
-    if lab.labeler == "reward_model":
-        return {"reward_model": model_fingerprint(lab.reward_model)}
+    models = {}
+    if "reward_model" in (lab.labeler, lab.filter_labeler):
+        models["reward_model"] = model_fingerprint(lab.reward_model)
     if lab.labeler == "implicit":
-        return {"policy": model_fingerprint(lab.implicit_policy or cfg.model.policy),
-                "reference": model_fingerprint(lab.implicit_reference or cfg.reference_model)}
-    return {}
+        models["policy"] = model_fingerprint(lab.implicit_policy or cfg.model.policy)
+        models["reference"] = model_fingerprint(lab.implicit_reference or cfg.reference_model)
+    return models
 
 
 def _print_summary(summary: dict) -> None:

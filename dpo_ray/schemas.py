@@ -41,7 +41,8 @@ COMPLETIONS = pa.schema(
 )
 
 # label: completions with their scores (kept so a reader can audit every pair).
-SCORED = COMPLETIONS.append(pa.field("reward", pa.float64()))
+# `filter_reward`: label.filter_labeler's score, null when no filter is configured.
+SCORED = COMPLETIONS.append(pa.field("reward", pa.float64())).append(pa.field("filter_reward", pa.float64()))
 
 # label: preference pairs.
 PAIRS = pa.schema(

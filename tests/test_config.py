@@ -139,6 +139,15 @@ def test_implicit_labeler_needs_evaluate_labeler():
     assert "label.reward_model" in config_error(["evaluate.labeler=reward_model"])
 
 
+def test_filter_labeler_is_checked_at_load():
+    assert config_error(["label.filter_labeler=reward_model"]).startswith(
+        "label.reward_model: required when label.filter_labeler is reward_model")
+    assert config_error(["label.filter_labeler=sentiment"]).startswith("label.filter_labeler: sentiment would only")
+    cfg = load_config(None, ["label.labeler=implicit", "evaluate.labeler=sentiment", "label.filter_labeler=sentiment",
+                             "label.implicit_policy=/models/a-policy"])
+    assert cfg.label.filter_labeler == "sentiment" and cfg.label.filter_min_margin == 0.0
+
+
 def test_missing_config_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     message = config_error(path=missing)

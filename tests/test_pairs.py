@@ -115,3 +115,29 @@ def test_unknown_mode_raises():
 def test_length_mismatch_raises():
     with pytest.raises(ValueError):
         build_pairs(["a", "b"], [1.0])
+
+
+def test_filter_drops_pairs_the_external_score_contradicts():
+    # The labeler prefers b over a; the filter (external reward) prefers a: the pair is dropped and counted.
+    pairs, stats = build_pairs(["a", "b"], [0.1, 0.9], filter_scores=[0.5, -0.5])
+    assert pairs == [] and stats.filter_disagreed == 1 and stats.prompts_without_pair == 1
+    # A filter tie does not contradict at the default margin 0, but fails a positive margin.
+    pairs, stats = build_pairs(["a", "b"], [0.1, 0.9], filter_scores=[0.0, 0.0])
+    assert pairs == [(1, 0)] and stats.filter_disagreed == 0
+    pairs, stats = build_pairs(["a", "b"], [0.1, 0.9], filter_scores=[0.0, 0.0], filter_min_margin=0.1)
+    assert pairs == [] and stats.filter_disagreed == 1
+
+
+def test_filter_keeps_agreeing_pairs_and_checks_each_candidate():
+    texts, scores = ["a", "b", "c"], [0.0, 1.0, 2.0]
+    # Filter agrees on c > a and c > b but contradicts b > a.
+    pairs, stats = build_pairs(texts, scores, "all_pairs", filter_scores=[0.5, 0.0, 1.0])
+    assert sorted(pairs) == [(2, 0), (2, 1)]
+    assert stats.filter_disagreed == 1 and stats.pairs == 2
+
+
+def test_nonfinite_filter_score_removes_the_completion_and_lengths_must_match():
+    pairs, stats = build_pairs(["a", "b", "c"], [0.0, 1.0, 2.0], filter_scores=[0.0, 1.0, math.nan])
+    assert pairs == [(1, 0)] and stats.nonfinite_scores == 1
+    with pytest.raises(ValueError, match="3 scores but 2 filter scores"):
+        build_pairs(["a", "b", "c"], [0.0, 1.0, 2.0], filter_scores=[0.0, 1.0])

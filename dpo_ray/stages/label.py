@@ -4,6 +4,8 @@ Labelers (all append a `reward` column to a Ray dataset of completions):
 - `sentiment`: VADER compound sentiment of the completion, in [-1, 1] (positive is better);
 - `reward_model`: any local AutoModelForSequenceClassification folder with a single output;
 - `implicit`: the DPO implicit reward beta*log(pi/pi_ref) of a given policy and reference (self-labeling).
+`label.filter_labeler` scores every completion a second time with an external reward (`filter_reward`) and keeps
+only the pairs it does not contradict: implicit self-labels filtered by sentiment are then a config choice.
 
 Outputs: `scored/` (schemas.SCORED, every completion with its reward) and `pairs/` (schemas.PAIRS).
 """
@@ -21,7 +23,7 @@ from ray.data.expressions import col
 import torch
 
 from dpo_ray import schemas
-from dpo_ray.config import PipelineConfig
+from dpo_ray.config import LabelConfig, PipelineConfig
 from dpo_ray.inputs import Reject, read_preferences, write_rejects
 from dpo_ray.models import ModelError, load_tokenizer, resolve_model, set_torch_threads
 from dpo_ray.pairs import PairStats, build_pairs
@@ -117,9 +119,11 @@ def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, labeler: str | None =
     return ds.map_batches(implicit_reward, batch_format="pyarrow")
 
 
-def _group_pairs(group: pa.Table, mode: str, min_margin: float) -> tuple[list[dict], PairStats]:
+def _group_pairs(group: pa.Table, lab: LabelConfig) -> tuple[list[dict], PairStats]:
     rows = sorted(group.to_pylist(), key=lambda r: r["sample_index"])
-    index_pairs, stats = build_pairs([r["completion"] for r in rows], [r["reward"] for r in rows], mode, min_margin)
+    index_pairs, stats = build_pairs(
+        [r["completion"] for r in rows], [r["reward"] for r in rows], lab.pairing, lab.min_margin,
+        [r["filter_reward"] for r in rows] if lab.filter_labeler else None, lab.filter_min_margin)
     pairs = []
     for c, r in index_pairs:
         chosen, rejected = rows[c], rows[r]
@@ -141,8 +145,8 @@ for _name in _STAT_FIELDS:
     _PAIRING = _PAIRING.append(pa.field(f"stat_{_name}", pa.int64()))
 
 
-def _pairs_with_stats(group: pa.Table, mode: str, min_margin: float) -> pa.Table:
-    pairs, stats = _group_pairs(group, mode, min_margin)
+def _pairs_with_stats(group: pa.Table, label_cfg: dict) -> pa.Table:
+    pairs, stats = _group_pairs(group, LabelConfig.model_validate(label_cfg))
     if not pairs:
         pairs = [{name: None for name in schemas.PAIRS.names}]
     counts = stats.as_dict()
@@ -151,16 +155,25 @@ def _pairs_with_stats(group: pa.Table, mode: str, min_margin: float) -> pa.Table
     return schemas.rows_to_table(pairs, _PAIRING)
 
 
+def _no_filter_reward(batch: pa.Table) -> pa.Table:
+    return batch.append_column("filter_reward", pa.nulls(batch.num_rows, pa.float64()))
+
+
 def run(cfg: PipelineConfig, completions_path: str, out_dir: str, sampled_by: str | None = None) -> dict:
     """Score completions and pair them; `sampled_by` names the model that sampled them, when the caller knows."""
     out = Path(out_dir)
-    add_rewards(ray.data.read_parquet(completions_path), cfg, sampled_by=sampled_by).write_parquet(str(out / "scored"))
+    completions = ray.data.read_parquet(completions_path)
+    if cfg.label.filter_labeler:
+        completions = add_rewards(completions, cfg, cfg.label.filter_labeler).rename_columns({"reward": "filter_reward"})
+    else:
+        completions = completions.map_batches(_no_filter_reward, batch_format="pyarrow")
+    add_rewards(completions, cfg, sampled_by=sampled_by).write_parquet(str(out / "scored"))
     # A few partitions: the default (200) costs a minute of task overhead on a small node.
     partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
     paired = (
         ray.data.read_parquet(str(out / "scored"))
         .groupby("prompt_id", num_partitions=partitions)
-        .map_groups(_pairs_with_stats, fn_args=(cfg.label.pairing, cfg.label.min_margin), batch_format="pyarrow")
+        .map_groups(_pairs_with_stats, fn_args=(cfg.label.model_dump(mode="json"),), batch_format="pyarrow")
         .materialize()
     )
     # Summed while streaming the few stat columns through the driver: Ray's own `sum` would plan another
