@@ -7,6 +7,7 @@ Dotted overrides (`train.beta=0.2`) are parsed as YAML scalars and applied befor
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -181,6 +182,8 @@ class FrontierConfig(_Section):
 
     betas: list[float] = [0.05, 0.1, 0.5]
     losses: list[Literal["sigmoid", "ipo", "hinge"]] = ["sigmoid", "ipo"]
+    # Ray Train runs at once; 0: as many as the cluster's CPUs and GPUs hold (see concurrent_trainings).
+    max_concurrent: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _positive(self) -> "FrontierConfig":
@@ -352,3 +355,13 @@ def check_resources(cfg: PipelineConfig, total: dict[str, float], largest_node: 
         if tp == 1 and each > on_one_node + 1e-9:
             raise ConfigError(f"{key}: {each:g} {resource} per process, but no Ray node has more than "
                               f"{on_one_node:g}")
+
+
+def concurrent_trainings(cfg: PipelineConfig, total: dict[str, float], variants: int) -> int:
+    """How many frontier variants train at once: as many whole Ray Train worker groups as the cluster holds
+    (at least one, at most frontier.max_concurrent when set)."""
+    t = cfg.train
+    fits = [math.floor(total.get("CPU", 0.0) / (t.num_workers * t.cpus_per_worker) + 1e-9)]
+    if t.use_gpu:
+        fits.append(math.floor(total.get("GPU", 0.0) / t.num_workers + 1e-9))
+    return max(1, min(variants, cfg.frontier.max_concurrent or variants, *fits))

@@ -12,6 +12,7 @@ import errno
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,8 @@ from typing import Callable
 import ray
 
 from dpo_ray import artifacts
-from dpo_ray.config import PipelineConfig, build_config, check_resources, merge, round_config
+from dpo_ray.config import (PipelineConfig, build_config, check_resources, concurrent_trainings, merge,
+                             round_config)
 from dpo_ray.models import model_fingerprint, resolve_model
 from dpo_ray.stages import evaluate, label, reference, sample, train
 from dpo_ray.tracking import Tracker, numeric
@@ -157,15 +159,19 @@ def prepare_pairs(cfg: PipelineConfig, out: Path, stage: "StageRunner") -> Prepa
     return PreparedPairs(out / "reference", referenced["output_digest"], prompts_path, labeled["stats"])
 
 
-def train_and_evaluate(cfg: PipelineConfig, out: Path, stage: "StageRunner", pairs: PreparedPairs,
-                       baseline: str) -> dict:
-    """train -> evaluate into `out`; returns {"policy": path, "metrics": evaluation metrics}."""
+def train_policy(cfg: PipelineConfig, out: Path, stage: "StageRunner", pairs: PreparedPairs) -> dict:
+    """train into `out/train`; returns its manifest."""
+    return stage("train", out / "train",
+                 {"seed": cfg.run.seed, "dtype": cfg.model.dtype, "policy": model_fingerprint(cfg.model.policy),
+                  "reference": pairs.reference_digest, "train": cfg.train.model_dump(),
+                  "init": model_fingerprint(cfg.train.init_from) if cfg.train.init_from else None},
+                 lambda tmp, run_id, key: train.run(cfg, str(pairs.reference_dir), str(tmp), key, run_id))
+
+
+def evaluate_policy(cfg: PipelineConfig, out: Path, stage: "StageRunner", pairs: PreparedPairs, trained: dict,
+                    baseline: str) -> dict:
+    """evaluate `out/train`'s policy against `baseline` into `out/evaluate`; returns {"policy", "metrics"}."""
     d = cfg.data
-    trained = stage("train", out / "train",
-                    {"seed": cfg.run.seed, "dtype": cfg.model.dtype, "policy": model_fingerprint(cfg.model.policy),
-                     "reference": pairs.reference_digest, "train": cfg.train.model_dump(),
-                     "init": model_fingerprint(cfg.train.init_from) if cfg.train.init_from else None},
-                    lambda tmp, run_id, key: train.run(cfg, str(pairs.reference_dir), str(tmp), key, run_id))
     policy_path = str(out / "train" / train.POLICY_DIR)
 
     def evaluate_fn(tmp: Path, _run, _key) -> dict:
@@ -184,6 +190,12 @@ def train_and_evaluate(cfg: PipelineConfig, out: Path, stage: "StageRunner", pai
                        "labeler": cfg.label.model_dump(), "beta": cfg.train.beta},
                       evaluate_fn)
     return {"policy": policy_path, "metrics": evaluated["stats"]}
+
+
+def train_and_evaluate(cfg: PipelineConfig, out: Path, stage: "StageRunner", pairs: PreparedPairs,
+                       baseline: str) -> dict:
+    """train -> evaluate into `out`; returns {"policy": path, "metrics": evaluation metrics}."""
+    return evaluate_policy(cfg, out, stage, pairs, train_policy(cfg, out, stage, pairs), baseline)
 
 
 def run_round(cfg: PipelineConfig, out: Path, stage: "StageRunner", baseline: str) -> dict:
@@ -249,21 +261,46 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 def run_frontier(cfg: PipelineConfig) -> dict:
     """The paper's reward-KL frontier: one policy per (loss, beta) trained on the same pairs and reference
-    log-probs (computed once), each evaluated on the same held-out prompts against the reference."""
+    log-probs (computed once), each evaluated on the same held-out prompts against the reference.
+
+    The variants train as concurrent Ray Train runs, as many at once as the cluster holds
+    (config.concurrent_trainings); evaluations then run one after another, each using the whole cluster.
+    """
     run_dir = cfg.run_dir
     tracker, stage = start(cfg)
+    variants = {f"{loss}_beta{beta:g}": build_config(merge(cfg.model_dump(mode="json"),
+                                                           {"train": {"loss": loss, "beta": beta}}))
+                for loss in cfg.frontier.losses for beta in cfg.frontier.betas}
+    at_once = concurrent_trainings(cfg, ray.cluster_resources(), len(variants))
     points = []
     with tracker.parent() as parent:
         pairs = prepare_pairs(cfg, run_dir, stage)
-        for loss in cfg.frontier.losses:
-            for beta in cfg.frontier.betas:
-                name = f"{loss}_beta{beta:g}"
-                print(f"[dpo-ray] frontier: {name}", flush=True)
-                variant = build_config(merge(cfg.model_dump(mode="json"), {"train": {"loss": loss, "beta": beta}}))
-                with tracker.child(name):
-                    result = train_and_evaluate(variant, run_dir / "frontier" / name, stage, pairs, cfg.reference_model)
-                    tracker.mlflow.log_metrics(numeric(result["metrics"]))
-                points.append({"variant": name, "loss": loss, "beta": beta, **result["metrics"]})
+        run_ids = {}
+        for name in variants:
+            with tracker.child(name) as child:
+                run_ids[name] = child.info.run_id
+        print(f"[dpo-ray] frontier: training {len(variants)} variants, {at_once} at a time", flush=True)
+
+        def train_variant(name: str) -> dict:
+            variant = variants[name]
+            if at_once > 1 and variant.run.torch_threads == 0:
+                # Concurrent runs share the node: each worker keeps to its own CPUs instead of all cores.
+                variant = variant.model_copy(update={"run": variant.run.model_copy(
+                    update={"torch_threads": max(1, int(variant.train.cpus_per_worker))})})
+            # MLflow's active run is per thread: reopen this variant's run here so its train stage nests under it.
+            with tracker.mlflow.start_run(run_id=run_ids[name]):
+                return train_policy(variant, run_dir / "frontier" / name, stage, pairs)
+
+        with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="frontier") as pool:
+            trained = dict(zip(variants, pool.map(train_variant, variants)))
+        for name, variant in variants.items():
+            print(f"[dpo-ray] frontier: evaluate {name}", flush=True)
+            with tracker.child(name):
+                result = evaluate_policy(variant, run_dir / "frontier" / name, stage, pairs, trained[name],
+                                         cfg.reference_model)
+                tracker.mlflow.log_metrics(numeric(result["metrics"]))
+            t = variant.train
+            points.append({"variant": name, "loss": t.loss, "beta": t.beta, **result["metrics"]})
         table = write_frontier_report(points, run_dir)
         for name in ("frontier.json", "frontier.md", "frontier.png"):
             tracker.mlflow.log_artifact(str(run_dir / name))

@@ -148,6 +148,19 @@ def test_filter_labeler_is_checked_at_load():
     assert cfg.label.filter_labeler == "sentiment" and cfg.label.filter_min_margin == 0.0
 
 
+def test_frontier_trains_as_many_variants_at_once_as_the_cluster_holds():
+    from dpo_ray.config import concurrent_trainings
+
+    cfg = load_config(None, ["train.num_workers=2", "train.cpus_per_worker=1.5", "train.batch_size=16"])
+    assert concurrent_trainings(cfg, {"CPU": 2.0}, 6) == 1  # never zero, even if one run barely fits
+    assert concurrent_trainings(cfg, {"CPU": 6.0}, 6) == 2
+    assert concurrent_trainings(cfg, {"CPU": 64.0}, 6) == 6  # no more than there are variants
+    capped = load_config(None, ["train.num_workers=2", "train.batch_size=16", "frontier.max_concurrent=3"])
+    assert concurrent_trainings(capped, {"CPU": 64.0}, 6) == 3
+    gpu = load_config(None, ["train.num_workers=4", "train.use_gpu=true", "train.batch_size=16"])
+    assert concurrent_trainings(gpu, {"CPU": 64.0, "GPU": 8.0}, 6) == 2
+
+
 def test_missing_config_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     message = config_error(path=missing)

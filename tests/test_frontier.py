@@ -32,3 +32,24 @@ def test_frontier_trains_each_variant_on_the_same_reference(tmp_path):
         assert read_manifest(run_dir / "frontier" / p["variant"] / "evaluate") is not None
     assert (run_dir / "frontier.png").stat().st_size > 1000
     assert "| ipo_beta0.1 | ipo |" in (run_dir / "frontier.md").read_text()
+
+    # Two CPUs, one single-CPU worker per variant: both Ray Train runs were in flight at the same time.
+    assert "training 2 variants, 2 at a time" in proc.stdout
+    train_lines = [line for line in proc.stdout.splitlines() if line.startswith("[dpo-ray] train: ")]
+    assert [line.split(":")[1].split()[0] for line in train_lines] == ["running", "running", "done", "done"]
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("dpo-ray").experiment_id], max_results=100)
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1
+    variants = {r.data.tags["dpo_ray.child"]: r for r in runs if "dpo_ray.child" in r.data.tags}
+    assert set(variants) == {"sigmoid_beta0.1", "ipo_beta0.1"}
+    for variant in variants.values():
+        assert variant.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert "policy_reward" in variant.data.metrics
+        stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == variant.info.run_id]
+        assert sorted(r.data.tags["dpo_ray.stage"] for r in stages) == ["evaluate", "train"]
+        train_run = next(r for r in stages if r.data.tags["dpo_ray.stage"] == "train")
+        assert "loss" in train_run.data.metrics  # per-step metrics from rank 0 reached the right run
