@@ -32,20 +32,22 @@ from dpo_ray.text import TokenizationError, completion_token_ids, prompt_token_i
 
 
 class SentimentScorer:
-    def __init__(self):
+    def __init__(self, column: str = "reward"):
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         self.analyzer = SentimentIntensityAnalyzer()
+        self.column = column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         scores = [self.analyzer.polarity_scores(text)["compound"] for text in batch["completion"].to_pylist()]
-        return batch.append_column("reward", pa.array(scores, pa.float64()))
+        return batch.append_column(self.column, pa.array(scores, pa.float64()))
 
 
 class RewardModelScorer:
-    def __init__(self, cfg: dict, path: str):
+    def __init__(self, cfg: dict, path: str, column: str = "reward"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        self.column = column
         self.cfg = PipelineConfig.model_validate(cfg)
         set_torch_threads(self.cfg.run.torch_threads)
         trust = self.cfg.model.trust_remote_code
@@ -71,7 +73,7 @@ class RewardModelScorer:
         for start in range(0, len(texts), size):
             enc = self.tokenizer(texts[start : start + size], padding=True, truncation=True, return_tensors="pt")
             scores += self.model(**enc).logits[:, 0].float().tolist()
-        return batch.append_column("reward", pa.array(scores, pa.float64()))
+        return batch.append_column(self.column, pa.array(scores, pa.float64()))
 
 
 def check_reward_model(path: str, trust_remote_code: bool) -> None:
@@ -86,8 +88,8 @@ def check_reward_model(path: str, trust_remote_code: bool) -> None:
 
 
 def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, labeler: str | None = None,
-                sampled_by: str | None = None) -> ray.data.Dataset:
-    """Append a `reward` column to a dataset with prompt/completion text and prompt_ids/completion_ids.
+                sampled_by: str | None = None, column: str = "reward") -> ray.data.Dataset:
+    """Append a `column` of rewards to a dataset with prompt/completion text and prompt_ids/completion_ids.
 
     `sampled_by`: the model whose `sample_logp` every row carries, if one did; the implicit labeler then takes
     that model's log-probs from the sampler instead of scoring them again where they are exact.
@@ -95,12 +97,14 @@ def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, labeler: str | None =
     lab = cfg.label
     labeler = labeler or lab.labeler
     if labeler == "sentiment":
-        return ds.map_batches(SentimentScorer, batch_format="pyarrow", batch_size=lab.batch_size,
+        return ds.map_batches(SentimentScorer, fn_constructor_kwargs={"column": column}, batch_format="pyarrow",
+                              batch_size=lab.batch_size,
                               compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
     if labeler == "reward_model":
         check_reward_model(lab.reward_model, cfg.model.trust_remote_code)
         return ds.map_batches(
-            RewardModelScorer, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "path": lab.reward_model},
+            RewardModelScorer,
+            fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "path": lab.reward_model, "column": column},
             batch_format="pyarrow", batch_size=lab.batch_size * 4,
             compute=ray.data.ActorPoolStrategy(size=cfg.reference.num_actors),
             num_cpus=cfg.reference.cpus_per_actor, num_gpus=cfg.reference.gpus_per_actor,
@@ -114,7 +118,7 @@ def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, labeler: str | None =
     def implicit_reward(batch: pa.Table) -> pa.Table:
         diff = pc.subtract(batch["_implicit_policy_logp"], batch["_implicit_reference_logp"])
         batch = batch.drop_columns(["_implicit_policy_logp", "_implicit_reference_logp"])
-        return batch.append_column("reward", pc.multiply(diff, beta))
+        return batch.append_column(column, pc.multiply(diff, beta))
 
     return ds.map_batches(implicit_reward, batch_format="pyarrow")
 
@@ -162,12 +166,14 @@ def _no_filter_reward(batch: pa.Table) -> pa.Table:
 def run(cfg: PipelineConfig, completions_path: str, out_dir: str, sampled_by: str | None = None) -> dict:
     """Score completions and pair them; `sampled_by` names the model that sampled them, when the caller knows."""
     out = Path(out_dir)
-    completions = ray.data.read_parquet(completions_path)
+    scored = add_rewards(ray.data.read_parquet(completions_path), cfg, sampled_by=sampled_by)
     if cfg.label.filter_labeler:
-        completions = add_rewards(completions, cfg, cfg.label.filter_labeler).rename_columns({"reward": "filter_reward"})
+        # Materialized first, so only one scorer's actor pool holds CPUs at a time: two pools in one streaming
+        # pipeline can take the CPUs its read tasks need and wait on each other forever (seen on 2 CPUs).
+        scored = add_rewards(scored.materialize(), cfg, cfg.label.filter_labeler, column="filter_reward")
     else:
-        completions = completions.map_batches(_no_filter_reward, batch_format="pyarrow")
-    add_rewards(completions, cfg, sampled_by=sampled_by).write_parquet(str(out / "scored"))
+        scored = scored.map_batches(_no_filter_reward, batch_format="pyarrow")
+    scored.write_parquet(str(out / "scored"))
     # A few partitions: the default (200) costs a minute of task overhead on a small node.
     partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
     paired = (
