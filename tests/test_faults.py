@@ -1,5 +1,7 @@
-"""Faults a long cluster run meets: a training worker killed mid-run, a driver killed mid-stage, a bad run root."""
+"""Faults a long cluster run meets: a training worker or sampling actor killed mid-run, a driver killed at several
+points, a full disk, a bad run root."""
 
+import contextlib
 import os
 import re
 import signal
@@ -24,6 +26,39 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _env() -> dict:
     return isolated_env()
+
+
+@contextlib.contextmanager
+def _started(args: list[str]):
+    """A command in its own process group (its local Ray cluster included), output piped; whatever is still
+    running when the block ends is SIGKILLed as a group."""
+    proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _descendants(proc: subprocess.Popen, name: str) -> list[psutil.Process]:
+    """The command's descendant processes whose command line mentions `name` (a Ray actor's class, say)."""
+    found = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if name in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    try:
+        return sum(proc.cpu_times()[:2])
+    except psutil.NoSuchProcess:
+        return 0.0
 
 
 def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 600) -> str:
@@ -75,20 +110,15 @@ def test_killed_training_worker_is_restarted_from_checkpoint_and_matches_uninter
                            timeout=900)
     assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
 
-    proc = subprocess.Popen([sys.executable, "-m", "dpo_ray.cli", "train", *common, "--out", str(tmp_path / "killed"),
-                             f"run.root={tmp_path / 'b'}"], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
+    killed = [sys.executable, "-m", "dpo_ray.cli", "train", *common, "--out", str(tmp_path / "killed"),
+              f"run.root={tmp_path / 'b'}"]
+    with _started(killed) as proc:
         _wait_for(proc, "step 12/120")
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "RayTrainWorker" in " ".join(p.cmdline())]
+        workers = _descendants(proc, "RayTrainWorker")
         assert workers, "no Ray Train worker process found"
         for worker in workers:
             worker.send_signal(signal.SIGKILL)
         rest, _ = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, rest[-3000:]
     # The newest checkpoint the controller had registered when the worker died: step 10, or step 5 when the
     # step-10 report was still in flight (Ray Train registers checkpoints asynchronously).
@@ -103,25 +133,53 @@ def test_killed_training_worker_is_restarted_from_checkpoint_and_matches_uninter
 
 
 @pytest.mark.slow
-def test_driver_killed_mid_stage_leaves_nothing_that_reads_as_complete(tmp_path):
+def test_driver_killed_at_several_points_resumes_each_time_and_reuses_the_mlflow_run(tmp_path):
+    """SIGKILL the driver (and its local Ray cluster) mid-sample, mid-reference, mid-training and mid-evaluate;
+    each rerun of the same command skips what was finished, training resumes from its checkpoint, and the
+    MLflow parent run is reused."""
+    # Four epochs of at least two steps (16 prompts give 8 pairs or more), a checkpoint every two steps.
     args = [sys.executable, "pipelines/full.py", "--config", "configs/tiny.yaml", f"run.root={tmp_path}",
-            "data.num_train_prompts=16"]
-    proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        _wait_for(proc, "[dpo-ray] label: running")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+            "data.num_train_prompts=16", "train.epochs=4"]
     run_dir = tmp_path / "tiny"
-    assert read_manifest(run_dir / "sample") is not None
-    assert read_manifest(run_dir / "label") is None and not (run_dir / "label").exists()
+
+    def run_until(text: str) -> str:
+        with _started(args) as proc:
+            return _wait_for(proc, text)
+
+    def finished() -> list[str]:
+        return [s for s in ("sample", "label", "reference", "train", "evaluate") if read_manifest(run_dir / s)]
+
+    run_until("[dpo-ray] sample: running")
+    assert finished() == [] and not (run_dir / "sample").exists()
+    out = run_until("[dpo-ray] reference: running")
+    assert "sample: running" in out and finished() == ["sample", "label"]
+    out = run_until("[train] step 5/")
+    total = int(re.search(r"\[train\] step 5/(\d+)", out).group(1))
+    assert "sample: up to date, skipped" in out and "label: up to date, skipped" in out
+    assert finished() == ["sample", "label", "reference"]
+    out = run_until("[dpo-ray] evaluate: running")
+    assert "reference: up to date, skipped" in out
+    # checkpoint_every=2: step 4, or step 2 when the step-4 checkpoint was still being registered.
+    resumed = re.search(r"resumed from step (\d+)", out)
+    assert resumed and int(resumed.group(1)) in (2, 4), out[-3000:]
+    assert f"step 1/{total}" not in out
+    assert finished() == ["sample", "label", "reference", "train"]
+    assert read_manifest(run_dir / "train")["stats"]["steps"] == total
+
     done = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "[dpo-ray] sample: up to date, skipped" in done.stdout
-    label_stats = read_manifest(run_dir / "label")["stats"]
-    assert label_stats["completions"] == read_manifest(run_dir / "sample")["stats"]["completions"] == 16 * 4
+    assert done.stdout.count("up to date, skipped") == 4 and "[dpo-ray] evaluate: done" in done.stdout
+    assert finished() == ["sample", "label", "reference", "train", "evaluate"]
+    assert read_manifest(run_dir / "label")["stats"]["completions"] == 16 * 4
     assert not list(run_dir.glob(".*.partial"))
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("dpo-ray").experiment_id], max_results=200)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs if r not in parents)
 
 
 def _sample_cli(out: Path, root: Path) -> list[str]:
@@ -135,26 +193,17 @@ def test_killed_sampling_actor_is_replaced_and_no_row_is_lost_or_duplicated(tmp_
                            text=True, timeout=900)
     assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
 
-    proc = subprocess.Popen(_sample_cli(tmp_path / "killed", tmp_path), cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
+    with _started(_sample_cli(tmp_path / "killed", tmp_path)) as proc:
         deadline, victim = time.time() + 300, None
         while victim is None and time.time() < deadline and proc.poll() is None:
-            for p in psutil.Process(proc.pid).children(recursive=True):
-                try:
-                    # Kill only once the actor has loaded its model and sampled for a while: mid-dataset.
-                    if "TransformersSampler" in " ".join(p.cmdline()) and sum(p.cpu_times()[:2]) > 6:
-                        victim = p
-                except psutil.NoSuchProcess:
-                    pass
+            # Kill only once the actor has loaded its model and sampled for a while: mid-dataset.
+            busy = [p for p in _descendants(proc, "TransformersSampler") if _cpu_seconds(p) > 6]
+            victim = busy[0] if busy else None
             time.sleep(0.2)
         assert victim is not None, "no sampling actor found"
         assert read_manifest(tmp_path / "killed") is None, "the stage finished before the kill; make it longer"
         victim.send_signal(signal.SIGKILL)
         rest, _ = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, rest[-3000:]
     assert rest.count("[dpo-ray] sample: done") == 1
 
