@@ -116,6 +116,9 @@ class LabelConfig(_Section):
 class ReferenceConfig(_ActorPool):
     # Sequences per forward pass.
     batch_size: int = Field(8, ge=1)
+    # Keep every scored sequence's log-prob under <run.root>/reference_cache/ and never score it twice with the
+    # same reference model (later rounds, relabeled reruns, other runs under the same root).
+    cache: bool = True
 
 
 class TrainConfig(_Section):

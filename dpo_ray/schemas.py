@@ -66,6 +66,9 @@ REFERENCE = PAIRS.append(pa.field("ref_chosen_logps", pa.float64())).append(
     pa.field("ref_rejected_logps", pa.float64())
 )
 
+# reference cache: one row per scored sequence, keyed by its token ids (reference.sequence_key).
+REFERENCE_CACHE = pa.schema([("sequence_key", pa.binary(16)), ("logp", pa.float64())])
+
 # evaluate: one row per held-out sample of either model.
 EVAL_SAMPLES = pa.schema(
     [

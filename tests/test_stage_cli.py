@@ -32,6 +32,35 @@ def chain(tmp_path_factory):
     ray.shutdown()
 
 
+def test_reference_cache_scores_only_pairs_it_has_not_seen(chain):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, common = chain
+    pairs = schemas.read_table(root / "l" / "pairs", schemas.PAIRS)
+    half = pairs.num_rows // 2
+    assert half > 0
+    # The first half as the chain's reference run scored it; the second with one more token on each chosen side,
+    # a sequence the reference has not seen.
+    longer = pa.array([ids + [5] for ids in pairs["chosen_ids"].to_pylist()[half:]], schemas.TOKENS)
+    second = pairs.slice(half).set_column(pairs.schema.get_field_index("chosen_ids"), "chosen_ids", longer)
+    (root / "mixed").mkdir()
+    pq.write_table(pa.concat_tables([pairs.slice(0, half), second]), root / "mixed" / "part-0.parquet")
+
+    main(["reference", "--pairs", str(root / "mixed"), "--out", str(root / "r_warm"), *common])
+    main(["reference", "--pairs", str(root / "mixed"), "--out", str(root / "r_cold"), *common, "reference.cache=false"])
+    assert read_manifest(root / "r_warm")["stats"]["pairs_from_cache"] == half
+    assert read_manifest(root / "r_cold")["stats"]["pairs_from_cache"] == 0
+    warm, cold, first = (schemas.read_table(root / name, schemas.REFERENCE).sort_by("pair_id").to_pylist()
+                         for name in ("r_warm", "r_cold", "r"))
+    first = {r["pair_id"]: r for r in first}
+    for w, c in zip(warm, cold):
+        for side in ("ref_chosen_logps", "ref_rejected_logps"):
+            assert abs(w[side] - c[side]) < 1e-4, (w["pair_id"], side)
+            if w["chosen_ids"] == first[w["pair_id"]]["chosen_ids"]:
+                assert w[side] == first[w["pair_id"]][side]  # taken from the cache, not recomputed
+
+
 def test_sample_stage_alone(chain):
     root, _ = chain
     table = schemas.read_table(root / "s" / "completions", schemas.COMPLETIONS)

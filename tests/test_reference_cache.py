@@ -1,0 +1,44 @@
+"""The reference stage's sequence cache: keys, storage, and the scorer skipping rows it already knows."""
+
+import math
+
+from dpo_ray import schemas
+from dpo_ray.config import load_config
+from dpo_ray.stages.reference import LogProbScorer, ReferenceCache, sequence_key
+
+SIDES = {"chosen_ids": "ref_chosen_logps", "rejected_ids": "ref_rejected_logps"}
+
+
+def test_sequence_key_separates_prompt_from_completion():
+    assert sequence_key([1, 2], [3]) != sequence_key([1], [2, 3])
+    assert sequence_key([1, 2], [3]) == sequence_key([1, 2], [3]) and len(sequence_key([1], [2])) == 16
+
+
+def test_cache_round_trip_and_files_appear_complete(tmp_path):
+    cache = ReferenceCache(tmp_path / "c")
+    assert cache.load() == {}
+    cache.add([sequence_key([1], [2]), sequence_key([1], [3])], [-1.0, -2.0], "a")
+    cache.add([sequence_key([4], [5])], [-3.0], "b")
+    assert cache.load() == {sequence_key([1], [2]): -1.0, sequence_key([1], [3]): -2.0, sequence_key([4], [5]): -3.0}
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["a.parquet", "b.parquet"]
+    schemas.read_table(tmp_path / "c" / "a.parquet", schemas.REFERENCE_CACHE)
+
+
+def test_scorer_takes_fully_cached_rows_from_the_cache_and_scores_the_rest(tmp_path):
+    rows = [{"pair_id": f"p{i}", "prompt_id": f"q{i}", "prompt": "p", "prompt_ids": [10 + i, 11, 12],
+             "chosen": "c", "chosen_ids": [20, 21 + i], "rejected": "r", "rejected_ids": [30, 31, 32 + i],
+             "chosen_reward": 1.0, "rejected_reward": 0.0} for i in range(3)]
+    table = schemas.rows_to_table(rows, schemas.PAIRS)
+    cfg = load_config("configs/tiny.yaml").model_dump(mode="json")
+    cold = LogProbScorer(cfg, "builtin:tiny-llama", SIDES)(table)
+    # Row 0 fully cached (with marker values the model would never give), row 1 only half: it is scored.
+    r0, r1 = rows[0], rows[1]
+    ReferenceCache(tmp_path).add([sequence_key(r0["prompt_ids"], r0["chosen_ids"]),
+                                  sequence_key(r0["prompt_ids"], r0["rejected_ids"]),
+                                  sequence_key(r1["prompt_ids"], r1["chosen_ids"])], [-1.5, -2.5, -3.5], "x")
+    warm = LogProbScorer(cfg, "builtin:tiny-llama", SIDES, cache_dir=str(tmp_path))(table)
+    assert warm["ref_chosen_logps"][0].as_py() == -1.5 and warm["ref_rejected_logps"][0].as_py() == -2.5
+    for i in (1, 2):
+        for out in SIDES.values():
+            assert math.isclose(warm[out][i].as_py(), cold[out][i].as_py(), abs_tol=1e-4)
+    assert warm["ref_chosen_logps"][1].as_py() != -3.5
