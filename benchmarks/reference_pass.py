@@ -88,7 +88,9 @@ def main() -> None:
     pairs = common.build_pairs(tokenizer, args.pairs, args.completion_tokens)
     tokens = common.pair_tokens(pairs)
     # The Ray actor uses run.torch_threads: the same thread count as the in-process sides.
-    cfg = load_config(args.config, [f"model.policy={path}", f"run.torch_threads={args.threads}"])
+    # reference.cache=false: every round must score every pair, not read the previous round's results.
+    cfg = load_config(args.config, [f"model.policy={path}", f"run.torch_threads={args.threads}",
+                                    "reference.cache=false"])
     work = Path(tempfile.mkdtemp(prefix="bench-reference-"))
     pairs_dir = work / "pairs"
     pairs_dir.mkdir()

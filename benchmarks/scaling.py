@@ -95,6 +95,10 @@ def main() -> None:
     p.add_argument("--base-pairs", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--threads", type=int, default=2)
+    # Batches no larger than the smallest scale's data, so every scale runs several of them: a stage that streams
+    # then holds the same amount at every scale, and growth in peak memory would mean something collects the data.
+    p.add_argument("--sample-batch-size", type=int, default=4, help="prompts per generate call")
+    p.add_argument("--reference-batch-size", type=int, default=2, help="pairs per forward (x4 rows per Ray batch)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
@@ -104,7 +108,8 @@ def main() -> None:
 
     tokenizer, _ = common.load_tokenizer_and_path()
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
-    common_overrides = [f"model.policy={common.MODEL}", f"run.torch_threads={args.threads}",
+    # reference.cache=false: the pair sets are nested (the first 8 of 32 are the 8), so a cache would score less.
+    common_overrides = [f"model.policy={common.MODEL}", f"run.torch_threads={args.threads}", "reference.cache=false",
                         "run.tracking_uri=sqlite:///{}".format("{root}/mlflow.db")]
     results: dict[str, list[dict]] = {s: [] for s in stages}
     with tempfile.TemporaryDirectory(prefix="dpo-scaling-") as tmp:
@@ -119,9 +124,11 @@ def main() -> None:
                            pairs_dir / "part-0.parquet")
             plan = {
                 "sample": (["--out", str(out / "sample"), f"data.num_train_prompts={args.base_prompts * scale}",
-                            "data.num_eval_prompts=0", f"sample.max_new_tokens={args.max_new_tokens}"],
+                            "data.num_eval_prompts=0", f"sample.max_new_tokens={args.max_new_tokens}",
+                            f"sample.batch_size={args.sample_batch_size}"],
                            {"prompts": args.base_prompts * scale}),
-                "reference": (["--pairs", str(pairs_dir), "--out", str(out / "reference")], {"pairs": n_pairs}),
+                "reference": (["--pairs", str(pairs_dir), "--out", str(out / "reference"),
+                               f"reference.batch_size={args.reference_batch_size}"], {"pairs": n_pairs}),
                 "train": (["--reference", str(out / "reference"), "--out", str(out / "train"), "train.epochs=1",
                            "train.warmup_steps=0", f"train.checkpoint_every={10**6}"], {"pairs": n_pairs}),
             }
