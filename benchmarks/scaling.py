@@ -99,6 +99,7 @@ def main() -> None:
     # then holds the same amount at every scale, and growth in peak memory would mean something collects the data.
     p.add_argument("--sample-batch-size", type=int, default=4, help="prompts per generate call")
     p.add_argument("--reference-batch-size", type=int, default=2, help="pairs per forward (x4 rows per Ray batch)")
+    p.add_argument("--train-batch-size", type=int, default=2, help="pairs per optimizer step (and per micro-batch)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
@@ -130,7 +131,9 @@ def main() -> None:
                 "reference": (["--pairs", str(pairs_dir), "--out", str(out / "reference"),
                                f"reference.batch_size={args.reference_batch_size}"], {"pairs": n_pairs}),
                 "train": (["--reference", str(out / "reference"), "--out", str(out / "train"), "train.epochs=1",
-                           "train.warmup_steps=0", f"train.checkpoint_every={10**6}"], {"pairs": n_pairs}),
+                           "train.warmup_steps=0", f"train.checkpoint_every={10**6}",
+                           f"train.batch_size={args.train_batch_size}",
+                           f"train.micro_batch_size={args.train_batch_size}"], {"pairs": n_pairs}),
             }
             for stage in stages:
                 stage_args, size = plan[stage]

@@ -63,3 +63,14 @@ def test_reward_model_with_a_two_class_head_fails_before_any_actor(tmp_path):
     config.num_labels = 1
     config.save_pretrained(tmp_path)
     check_reward_model(str(tmp_path), trust_remote_code=False)
+
+
+def test_train_workers_cap_glibc_arenas_unless_the_driver_sets_it(monkeypatch):
+    from dpo_ray.config import load_config
+    from dpo_ray.stages.train import _worker_env
+
+    cfg = load_config("configs/tiny.yaml", [])
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert _worker_env(cfg)["MALLOC_ARENA_MAX"] == "2"
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert _worker_env(cfg)["MALLOC_ARENA_MAX"] == "8"
