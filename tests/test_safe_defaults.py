@@ -10,10 +10,13 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
+from dpo_ray.config import load_config
 from dpo_ray.models import ModelError, load_causal_lm, resolve_model
 from dpo_ray.stages.label import check_reward_model
+from dpo_ray.stages.train import _worker_env
 
-PACKAGE = Path(__file__).resolve().parent.parent / "dpo_ray"
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "dpo_ray"
 
 
 def test_remote_code_in_a_model_folder_is_not_run_by_default(tmp_path):
@@ -66,10 +69,7 @@ def test_reward_model_with_a_two_class_head_fails_before_any_actor(tmp_path):
 
 
 def test_train_workers_cap_glibc_arenas_unless_the_driver_sets_it(monkeypatch):
-    from dpo_ray.config import load_config
-    from dpo_ray.stages.train import _worker_env
-
-    cfg = load_config("configs/tiny.yaml", [])
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     assert _worker_env(cfg)["MALLOC_ARENA_MAX"] == "2"
     monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
