@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import ray
+import ray.data
 
 from dpo_ray import artifacts
 from dpo_ray.config import (PipelineConfig, build_config, check_resources, concurrent_trainings, merge,
@@ -32,6 +33,9 @@ _FORWARDED_ENV = ("DPO_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TOKENIZERS_PARA
 def init_ray(cfg: PipelineConfig) -> None:
     """Join $RAY_ADDRESS / run.ray_address or a cluster started with `ray start`, else start a local one; then
     check that every stage's resource request fits the cluster (ConfigError naming the key if not)."""
+    # Ray Data otherwise emits blocks as tasks finish: the reference Parquet's row order, and with it the train
+    # stage's batches, changed run to run, and so did the trained policy. In input order a run is repeatable.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     if not ray.is_initialized():
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
