@@ -33,8 +33,8 @@ _FORWARDED_ENV = ("DPO_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TOKENIZERS_PARA
 def init_ray(cfg: PipelineConfig) -> None:
     """Join $RAY_ADDRESS / run.ray_address or a cluster started with `ray start`, else start a local one; then
     check that every stage's resource request fits the cluster (ConfigError naming the key if not)."""
-    # Ray Data otherwise emits blocks as tasks finish: the reference Parquet's row order, and with it the train
-    # stage's batches, changed run to run, and so did the trained policy. In input order a run is repeatable.
+    # Ray Data otherwise emits blocks as tasks finish, so a stage's output rows come in another order each run.
+    # The train stage needs it to keep its seeded order through the split into workers (train.run).
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     if not ray.is_initialized():
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

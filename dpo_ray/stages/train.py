@@ -9,6 +9,7 @@ loaded here. Rerunning with the same inputs resumes from the last checkpoint (sa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.train
 import ray.train.torch
@@ -34,6 +36,18 @@ POLICY_DIR = "policy"
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+_ORDER_KEY = "_order"
+
+
+def with_order_key(batch: pa.Table, seed: int) -> pa.Table:
+    """`batch` plus a sort key per pair: a hash of its pair_id and the seed. Pairs sorted by it come in one
+    pseudo-random order that depends on the seed and the pairs, not on how Parquet files and blocks hold them."""
+    salt = seed.to_bytes(8, "little", signed=True)
+    keys = [int.from_bytes(hashlib.blake2b(pid.encode(), digest_size=8, salt=salt).digest(), "little")
+            for pid in batch["pair_id"].to_pylist()]
+    return batch.append_column(_ORDER_KEY, pa.array(keys, pa.uint64()))
 
 
 def dpo_forward(model, rows: dict[str, list], pad_id: int, t: TrainConfig) -> tuple[DPOOutput, dict, int]:
@@ -303,8 +317,12 @@ def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, ml
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
-    # Materialized up front: the read then never competes with the training workers for CPUs.
-    dataset = ray.data.read_parquet(reference_path).materialize()
+    # In a seeded order of its own: Ray Data may lay the same reference rows out in another order from run to run
+    # (files, blocks), and batches in another order train another policy. Materialized up front: the read then
+    # never competes with the training workers for CPUs.
+    dataset = (ray.data.read_parquet(reference_path)
+               .map_batches(with_order_key, fn_kwargs={"seed": cfg.run.seed}, batch_format="pyarrow")
+               .sort(_ORDER_KEY).drop_columns([_ORDER_KEY]).materialize())
     pairs = dataset.count()
     steps_per_epoch = (pairs // t.num_workers) // (t.batch_size // t.num_workers)
     if steps_per_epoch == 0:
