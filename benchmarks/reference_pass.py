@@ -112,6 +112,7 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {k: os.environ[k] for k in ("DPO_RAY_CACHE", "HF_HOME") if k in os.environ}})
         ray.data.DataContext.get_current().enable_progress_bars = False
+        ray.data.DataContext.get_current().execution_options.preserve_order = True  # as pipeline.init_ray sets it
         common.log(f"ray.init {time.perf_counter() - start:.1f}s (not counted)")
 
     from dpo_ray.stages.reference import run
