@@ -229,12 +229,14 @@ def train_loop_per_worker(config: dict) -> None:
         engine = _DDP(scorer, t, world)
     engine.model.train()
 
-    state = {"step": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0, "tokens": 0}
+    state = {"step": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0, "tokens": 0, "resumed_from": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as path:
             engine.load(Path(path))
             state = json.loads((Path(path) / "trainer_state.json").read_text())
+        # Carried into every later checkpoint, so the stage's stats record each interruption it recovered from.
+        state["resumed_from"] = [*state.get("resumed_from", []), state["step"]]
         if rank == 0:
             print(f"[train] resumed from step {state['step']}", flush=True)
 
@@ -361,7 +363,7 @@ def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, ml
     final = {f"final/{k}": v for k, v in result.metrics.items()
              if isinstance(v, (int, float)) and k not in ("step", "nonfinite_steps")}
     return {**final, "pairs": pairs, "steps": state["step"], "nonfinite_steps": state["nonfinite_steps"],
-            "tokens": state["tokens"]}
+            "tokens": state["tokens"], "resumed_from": state.get("resumed_from", [])}
 
 
 def _worker_env(cfg: PipelineConfig) -> dict:
