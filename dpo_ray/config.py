@@ -114,7 +114,8 @@ class LabelConfig(_Section):
 
 
 class ReferenceConfig(_ActorPool):
-    # Sequences per forward pass.
+    # Rows per forward pass: pairs here (both completions of a pair share its prompt's forward), completions when
+    # the label and evaluate stages score samples with this pool's settings.
     batch_size: int = Field(8, ge=1)
     # Keep every scored sequence's log-prob under <run.root>/reference_cache/ and never score it twice with the
     # same reference model (later rounds, relabeled reruns, other runs under the same root).
