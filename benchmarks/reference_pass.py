@@ -81,6 +81,7 @@ def main() -> None:
 
     from dpo_ray import schemas
     from dpo_ray.config import load_config
+    from dpo_ray.pipeline import init_ray
 
     common.set_threads(args.threads)
     sides = args.sides.split(",")
@@ -112,7 +113,7 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {k: os.environ[k] for k in ("DPO_RAY_CACHE", "HF_HOME") if k in os.environ}})
         ray.data.DataContext.get_current().enable_progress_bars = False
-        ray.data.DataContext.get_current().execution_options.preserve_order = True  # as pipeline.init_ray sets it
+        init_ray(cfg)  # the cluster is up; this applies the pipeline's own Ray Data settings and resource check
         common.log(f"ray.init {time.perf_counter() - start:.1f}s (not counted)")
 
     from dpo_ray.stages.reference import run

@@ -160,6 +160,7 @@ def test_driver_killed_at_several_points_resumes_each_time_and_reuses_the_mlflow
     out = run_until("[dpo-ray] evaluate: running")
     assert "reference: up to date, skipped" in out
     # checkpoint_every=2: step 4, or step 2 when the step-4 checkpoint was still being registered.
+    assert f"step 1/{total}" not in out
     assert finished() == ["sample", "label", "reference", "train"]
     stats = read_manifest(run_dir / "train")["stats"]
     assert stats["resumed_from"] in ([2], [4]), out[-3000:]

@@ -363,7 +363,7 @@ def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, ml
     final = {f"final/{k}": v for k, v in result.metrics.items()
              if isinstance(v, (int, float)) and k not in ("step", "nonfinite_steps")}
     return {**final, "pairs": pairs, "steps": state["step"], "nonfinite_steps": state["nonfinite_steps"],
-            "tokens": state["tokens"], "resumed_from": state.get("resumed_from", [])}
+            "tokens": state["tokens"], "resumed_from": state["resumed_from"]}
 
 
 def _worker_env(cfg: PipelineConfig) -> dict:
