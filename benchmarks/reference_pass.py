@@ -8,6 +8,8 @@ Sides, alternated within one invocation (ray, scorer, trick, full, ray, ...):
            (prompt sharing, head-only log-probs, length-sorted batches of reference.batch_size), no Ray, no Parquet.
   trick    a bare loop: torch.inference_mode(), the same length-sorted batches, dpo_ray.logprobs.completion_logps
            on prompt+completion rows (LM head only at completion positions, no materialized log-softmax).
+  ray_v2   the ray side with Ray Data's default Parquet reader (datasource V2, which starts footer-reader actors)
+           instead of the V1 reader pipeline.init_ray selects: what that choice is worth.
   full     the textbook scorer in the same loop: model(...).logits at every position, full log_softmax, gather,
            sum over completion tokens.
 The in-process sides load their model once, outside the timing (load time reported apart). So ray/scorer - 1 is
@@ -108,7 +110,7 @@ def main() -> None:
     scorer = LogProbScorer(cfg.model_dump(mode="json"), path, COLUMNS) if "scorer" in sides else None
     common.log(f"{len(pairs)} pairs, {tokens} tokens, reference.batch_size {cfg.reference.batch_size}; "
                f"bare model load {load_s:.1f}s; load {common.load_average()}")
-    if "ray" in sides:
+    if "ray" in sides or "ray_v2" in sides:
         start = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {k: os.environ[k] for k in ("DPO_RAY_CACHE", "HF_HOME") if k in os.environ}})
@@ -125,9 +127,14 @@ def main() -> None:
         for i in range(args.repeats):
             for side in sides:
                 start, cpu0 = time.perf_counter(), time.process_time()
-                if side == "ray":
+                if side in ("ray", "ray_v2"):
                     out_dir = work / f"ref-{i}"
-                    stats = run(cfg, str(pairs_dir), str(out_dir))
+                    context = ray.data.DataContext.get_current()
+                    context.use_datasource_v2 = side == "ray_v2"
+                    try:
+                        stats = run(cfg, str(pairs_dir), str(out_dir))
+                    finally:
+                        context.use_datasource_v2 = False
                     elapsed = time.perf_counter() - start
                     by_id = {r["pair_id"]: r for r in pq.read_table(out_dir).to_pylist()}
                     values[side] = {"chosen_ids": [by_id[r["pair_id"]]["ref_chosen_logps"] for r in pairs],
@@ -148,7 +155,7 @@ def main() -> None:
                            f"({tokens / elapsed:.0f} tok/s); "
                            f"load {common.load_average()}")
     finally:
-        if "ray" in sides:
+        if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
@@ -160,9 +167,12 @@ def main() -> None:
                          "tokens_per_s": tokens / med, "pairs_per_s": len(pairs) / med}
     base = "scorer" if "scorer" in results else next((x for x in ("trick", "full") if x in results), None)
     ratios = {}
-    for a, b in (("ray", "scorer"), ("trick", "scorer"), ("full", "trick"), ("full", "scorer"), ("ray", "full")):
+    for a, b in (("ray", "scorer"), ("ray", "trick"), ("ray_v2", "ray"), ("trick", "scorer"), ("full", "trick"),
+                 ("full", "scorer"), ("ray", "full")):
         if a in results and b in results:
             ratios[f"{a}/{b}_time"] = results[a]["median_s"] / results[b]["median_s"]
+    if "ray/trick_time" in ratios:  # the goal: the stage against a bare inference_mode loop, at most +10%
+        ratios["ray_vs_bare_loop_pct"] = 100 * (ratios["ray/trick_time"] - 1)
     if "ray" in results and "scorer" in results:
         ratios["ray_overhead_pct"] = 100 * (ratios["ray/scorer_time"] - 1)
         ratios["ray_overhead_pct_vs_scorer_plus_model_load"] = 100 * (

@@ -35,7 +35,12 @@ def init_ray(cfg: PipelineConfig) -> None:
     check that every stage's resource request fits the cluster (ConfigError naming the key if not)."""
     # Ray Data otherwise emits blocks as tasks finish, so a stage's output rows come in another order each run.
     # The train stage needs it to keep its seeded order through the split into workers (train.run).
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    # Ray 2.60's default Parquet reader (datasource V2) starts a pool of up to 32 footer-reader actors for every
+    # read_parquet, each a fresh Python process; on a small node they compete with the model actor's start-up for
+    # the cores (benchmarks/README.md, figure 2). The V1 reader reads footers in its read tasks.
+    context.use_datasource_v2 = False
     if not ray.is_initialized():
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}

@@ -129,3 +129,11 @@ def test_more_gpus_than_the_cluster_fails_before_any_work(chain):
                                          r"the Ray cluster has 0"):
         main(["sample", "--out", str(root / "gpu"), *common, "sample.num_actors=2", "sample.gpus_per_actor=1"])
     assert not (root / "gpu").exists()
+
+
+def test_stages_read_parquet_without_starting_footer_reader_actors(chain):
+    # The chain's label and reference stages read Parquet; Ray's V2 reader would have started FooterReader actors
+    # (one process each) for every read. ray._private.state is the GCS actor table, there without a dashboard.
+    classes = {actor["ActorClassName"] for actor in ray._private.state.actors().values()}
+    assert any("MapWorker" in name for name in classes), classes
+    assert not any("FooterReader" in name for name in classes), classes
