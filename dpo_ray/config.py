@@ -356,6 +356,11 @@ def check_resources(cfg: PipelineConfig, total: dict[str, float], largest_node: 
         if each * units > have + 1e-9:
             raise ConfigError(f"{key}: {units} x {each:g} {resource} = {each * units:g} {resource}, but the Ray "
                               f"cluster has {have:g} (set run.check_resources=false on an autoscaling cluster)")
+        # Ray Data starts the pool's actors first, then its read and write tasks, one CPU each: a pool holding
+        # the last CPU leaves them waiting forever.
+        if key in ("sample.cpus_per_actor", "reference.cpus_per_actor") and each * units > have - 1 + 1e-9:
+            raise ConfigError(f"{key}: {units} x {each:g} CPU = {each * units:g} CPU leaves less than the 1 CPU "
+                              f"that Ray Data's read and write tasks need of the cluster's {have:g}")
         if tp == 1 and each > on_one_node + 1e-9:
             raise ConfigError(f"{key}: {each:g} {resource} per process, but no Ray node has more than "
                               f"{on_one_node:g}")

@@ -225,6 +225,9 @@ CPU_NODE = {"CPU": 2.0}
     (["train.use_gpu=true"], r"^train\.use_gpu: 1 x 1 GPU = 1 GPU, but the Ray cluster has 0"),
     (["train.num_workers=4", "train.batch_size=8", "train.micro_batch_size=2"], r"^train\.cpus_per_worker: 4 x 1 CPU"),
     (["sample.backend=vllm", "sample.tensor_parallel_size=2"], r"^sample\.tensor_parallel_size: 1 x 2 GPU"),
+    # Measured: two 1-CPU scorer actors on 2 CPUs, or one on 1 CPU, and the stage never read a row.
+    (["reference.num_actors=2"], r"^reference\.cpus_per_actor: 2 x 1 CPU = 2 CPU leaves less than the 1 CPU "),
+    (["sample.cpus_per_actor=1.5"], r"^sample\.cpus_per_actor: 1 x 1\.5 CPU = 1\.5 CPU leaves less than"),
 ])
 def test_requests_beyond_the_cluster_fail_naming_the_key(overrides, message):
     cfg = load_config(None, overrides)
