@@ -39,6 +39,8 @@ class NonFiniteError(RuntimeError):
 
 
 _ORDER_KEY = "_order"
+# Rows per block of the training dataset (token ids, a few KiB a pair): small enough to stream to a worker.
+_PAIRS_PER_BLOCK = 1024
 
 
 def with_order_key(batch: pa.Table, seed: int) -> pa.Table:
@@ -322,10 +324,14 @@ def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, ml
     # In a seeded order of its own: Ray Data may lay the same reference rows out in another order from run to run
     # (files, blocks), and batches in another order train another policy. Materialized up front: the read then
     # never competes with the training workers for CPUs.
-    dataset = (ray.data.read_parquet(reference_path)
+    ordered = (ray.data.read_parquet(reference_path)
                .map_batches(with_order_key, fn_kwargs={"seed": cfg.run.seed}, batch_format="pyarrow")
                .sort(_ORDER_KEY).drop_columns([_ORDER_KEY]).materialize())
-    pairs = dataset.count()
+    pairs = ordered.count()
+    # The sort's output blocks follow the input's files and read blocks, and the split between workers follows
+    # the blocks: blocks cut at fixed row indices give every worker the same pairs whatever the file layout.
+    blocks = t.num_workers * max(1, math.ceil(pairs / (t.num_workers * _PAIRS_PER_BLOCK)))
+    dataset = ordered.repartition(blocks, shuffle=False).materialize()
     steps_per_epoch = (pairs // t.num_workers) // (t.batch_size // t.num_workers)
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size: {t.batch_size} is larger than the {pairs} pairs available")
