@@ -37,12 +37,15 @@ _INFRA = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "run
 class TreeMemory:
     """Peak RSS of a process tree, polled every `interval` seconds in a thread: driver, largest worker, infra.
     `worker_private`: the largest peak, over workers, of RSS minus shared pages (file-backed and shared-memory
-    pages, which include the Ray object store blocks a worker maps): the memory a worker alone holds."""
+    pages, which include the Ray object store blocks a worker maps): the memory a worker alone holds.
+    `worker_hwm`: the largest, over workers, of the kernel's own peak RSS (VmHWM in /proc/<pid>/status), which
+    catches a transient peak between two polls; the polled peaks only see the moments they sample."""
 
     def __init__(self, pid: int, interval: float = 0.25):
         self.root = psutil.Process(pid)
         self.interval = interval
-        self.peak = {"driver": 0, "worker": 0, "worker_private": 0, "worker_name": "", "infra": 0}
+        self.peak = {"driver": 0, "worker": 0, "worker_private": 0, "worker_hwm": 0, "worker_name": "",
+                     "infra": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -73,9 +76,21 @@ class TreeMemory:
                     if rss > self.peak["worker"]:
                         self.peak["worker"], self.peak["worker_name"] = rss, cmd.split()[0]
                     self.peak["worker_private"] = max(self.peak["worker_private"], rss - info.shared)
+                    self.peak["worker_hwm"] = max(self.peak["worker_hwm"], _high_water_mark(proc.pid))
                 elif any(name in cmd for name in _INFRA):
                     self.peak["infra"] = max(self.peak["infra"], rss)
             self._stop.wait(self.interval)
+
+
+def _high_water_mark(pid: int) -> int:
+    """The kernel's peak resident set size of a process, in bytes (0 where /proc has none)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def run_stage(stage: str, args: list[str], env: dict) -> dict:
@@ -147,13 +162,13 @@ def main() -> None:
                 common.log(f"x{scale} {stage}: {row['wall_s']:.1f}s, peak MiB {row['peak_mib']}")
 
     summary = {}
-    print(f"\n{'stage':<10} {'scale':>5} {'size':>6} {'wall s':>8} {'s/unit':>7} {'driver':>7} {'worker':>7} {'private':>7}  worker process")
+    print(f"\n{'stage':<10} {'scale':>5} {'size':>6} {'wall s':>8} {'s/unit':>7} {'driver':>7} {'worker':>7} {'private':>7} {'hwm':>7}  worker process")
     for stage, rows in results.items():
         for r in rows:
             size = r.get("prompts", r.get("pairs"))
             print(f"{stage:<10} {r['scale']:>5} {size:>6} {r['wall_s']:>8.1f} {r['wall_s'] / size:>7.2f} "
                   f"{r['peak_mib']['driver']:>7} {r['peak_mib']['worker']:>7} "
-                  f"{r['peak_mib']['worker_private']:>7}  {r['peak_mib']['worker_name']}")
+                  f"{r['peak_mib']['worker_private']:>7} {r['peak_mib']['worker_hwm']:>7}  {r['peak_mib']['worker_name']}")
         first, last = rows[0], rows[-1]
         size_of = lambda r: r.get("prompts", r.get("pairs"))  # noqa: E731
         if len(rows) > 1:
@@ -164,6 +179,7 @@ def main() -> None:
                 "driver_peak_growth": last["peak_mib"]["driver"] / max(first["peak_mib"]["driver"], 1),
                 "worker_peak_growth": last["peak_mib"]["worker"] / max(first["peak_mib"]["worker"], 1),
                 "worker_private_growth": last["peak_mib"]["worker_private"] / max(first["peak_mib"]["worker_private"], 1),
+                "worker_hwm_growth": last["peak_mib"]["worker_hwm"] / max(first["peak_mib"]["worker_hwm"], 1),
             }
             if len(rows) > 2:
                 mid = rows[len(rows) // 2]
@@ -171,7 +187,8 @@ def main() -> None:
                 summary[stage]["middle_vs_linear"] = mid["wall_s"] / predicted
             print(f"  {stage}: {slope:.2f} s per unit + {summary[stage]['fixed_s']:.0f} s fixed; peak memory x"
                   f"{size_of(last) // size_of(first)} data: driver x{summary[stage]['driver_peak_growth']:.2f}, "
-                  f"worker x{summary[stage]['worker_peak_growth']:.2f} (private x{summary[stage]['worker_private_growth']:.2f})")
+                  f"worker x{summary[stage]['worker_peak_growth']:.2f} (private x{summary[stage]['worker_private_growth']:.2f}, kernel peak "
+                  f"x{summary[stage]['worker_hwm_growth']:.2f})")
     if not args.no_write:
         path = common.write_result("scaling", {"machine": common.machine_info(), "model": common.MODEL,
                                                "args": vars(args), "results": results, "summary": summary})
