@@ -130,11 +130,11 @@ def main() -> None:
                 if side in ("ray", "ray_v2"):
                     out_dir = work / f"ref-{i}"
                     context = ray.data.DataContext.get_current()
-                    context.use_datasource_v2 = side == "ray_v2"
+                    chosen_reader, context.use_datasource_v2 = context.use_datasource_v2, side == "ray_v2"
                     try:
                         stats = run(cfg, str(pairs_dir), str(out_dir))
                     finally:
-                        context.use_datasource_v2 = False
+                        context.use_datasource_v2 = chosen_reader
                     elapsed = time.perf_counter() - start
                     by_id = {r["pair_id"]: r for r in pq.read_table(out_dir).to_pylist()}
                     values[side] = {"chosen_ids": [by_id[r["pair_id"]]["ref_chosen_logps"] for r in pairs],

@@ -343,24 +343,23 @@ def check_resources(cfg: PipelineConfig, total: dict[str, float], largest_node: 
     tp = s.tensor_parallel_size if s.backend == "vllm" else 1
     sample_gpus = s.gpus_per_actor if tp == 1 else tp  # a tensor-parallel engine takes one GPU per shard
     requests = [
-        # (key, what, per unit, units)
-        ("sample.gpus_per_actor" if tp == 1 else "sample.tensor_parallel_size", "GPU", sample_gpus, s.num_actors),
-        ("sample.cpus_per_actor", "CPU", s.cpus_per_actor, s.num_actors),
-        ("reference.gpus_per_actor", "GPU", r.gpus_per_actor, r.num_actors),
-        ("reference.cpus_per_actor", "CPU", r.cpus_per_actor, r.num_actors),
-        ("train.use_gpu", "GPU", 1.0 if t.use_gpu else 0.0, t.num_workers),
-        ("train.cpus_per_worker", "CPU", t.cpus_per_worker, t.num_workers),
+        # (key, what, per unit, units, CPUs that Ray Data's read and write tasks need beside an actor pool: it
+        # starts the actors first, so a pool holding the last CPU leaves those tasks waiting forever)
+        ("sample.gpus_per_actor" if tp == 1 else "sample.tensor_parallel_size", "GPU", sample_gpus, s.num_actors, 0),
+        ("sample.cpus_per_actor", "CPU", s.cpus_per_actor, s.num_actors, 1),
+        ("reference.gpus_per_actor", "GPU", r.gpus_per_actor, r.num_actors, 0),
+        ("reference.cpus_per_actor", "CPU", r.cpus_per_actor, r.num_actors, 1),
+        ("train.use_gpu", "GPU", 1.0 if t.use_gpu else 0.0, t.num_workers, 0),
+        ("train.cpus_per_worker", "CPU", t.cpus_per_worker, t.num_workers, 0),
     ]
-    for key, resource, each, units in requests:
+    for key, resource, each, units, task_cpus in requests:
         have, on_one_node = total.get(resource, 0.0), largest_node.get(resource, 0.0)
         if each * units > have + 1e-9:
             raise ConfigError(f"{key}: {units} x {each:g} {resource} = {each * units:g} {resource}, but the Ray "
                               f"cluster has {have:g} (set run.check_resources=false on an autoscaling cluster)")
-        # Ray Data starts the pool's actors first, then its read and write tasks, one CPU each: a pool holding
-        # the last CPU leaves them waiting forever.
-        if key in ("sample.cpus_per_actor", "reference.cpus_per_actor") and each * units > have - 1 + 1e-9:
-            raise ConfigError(f"{key}: {units} x {each:g} CPU = {each * units:g} CPU leaves less than the 1 CPU "
-                              f"that Ray Data's read and write tasks need of the cluster's {have:g}")
+        if task_cpus and each * units > have - task_cpus + 1e-9:
+            raise ConfigError(f"{key}: {units} x {each:g} CPU = {each * units:g} CPU leaves less than the "
+                              f"{task_cpus} CPU that Ray Data's read and write tasks need of the cluster's {have:g}")
         if tp == 1 and each > on_one_node + 1e-9:
             raise ConfigError(f"{key}: {each:g} {resource} per process, but no Ray node has more than "
                               f"{on_one_node:g}")
