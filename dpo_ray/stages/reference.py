@@ -11,6 +11,7 @@ round, a relabeled rerun or another run sharing the reference only scores pairs 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
 import os
@@ -34,13 +35,15 @@ from dpo_ray.stages.sample import sample_logp_is_exact
 _SIDES = {"chosen_ids": "ref_chosen_logps", "rejected_ids": "ref_rejected_logps"}
 
 
-def _scorer_env() -> dict:
-    """Environment of the scorer actors. glibc raises its mmap threshold to the size of each large block freed
-    (up to 32 MiB); after the first forward the ~30 MiB logits chunks then come from the heap, where some stay
-    resident: the actor's memory stepped up 30 MiB at a time and its peak grew with the number of batches
-    (benchmarks/README.md, figure 4). A fixed 1 MiB threshold maps and unmaps every large tensor, at no measured
-    cost in speed. A value in the driver's environment wins."""
-    return {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(2**20))}
+def _find_malloc_trim():
+    """glibc's malloc_trim, or None on a C library without it (musl, macOS)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 def sequence_key(prompt_ids, completion_ids) -> bytes:
@@ -115,6 +118,12 @@ class LogProbScorer:
                 results[r] = sums[i * len(self.columns) : (i + 1) * len(self.columns)].tolist()
         for index, out in enumerate(self.columns.values()):
             batch = batch.append_column(out, pa.array([r[index] for r in results], pa.float64()))
+        # glibc raises its mmap threshold to each large block freed (up to 32 MiB), so a forward's logits chunks
+        # then come from the heap and some stay resident: in the actor, memory moved in ~30 MiB steps and its peak
+        # grew with the number of batches (benchmarks/README.md, figure 4). Returning the free heap after each
+        # batch levels it at no measured cost; a fixed low threshold also did, but cost 10-28% in speed.
+        if _malloc_trim is not None:
+            _malloc_trim(0)
         return batch
 
 
@@ -130,7 +139,6 @@ def score_logps(ds: ray.data.Dataset, cfg: PipelineConfig, model_spec: str, colu
         compute=ray.data.ActorPoolStrategy(size=r.num_actors),
         num_cpus=r.cpus_per_actor,
         num_gpus=r.gpus_per_actor,
-        runtime_env={"env_vars": _scorer_env()},
     )
 
 
