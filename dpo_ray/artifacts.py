@@ -31,7 +31,9 @@ def file_digest(path: str | Path) -> str:
 
 
 def folder_digest(folder: str | Path) -> str:
-    """Hash of the data files' bytes under a folder (large model weights count by name and size only)."""
+    """Hash of the data files' bytes under a folder. Other files (model weights, which may be many GB) count by
+    name, size and modification time, as models.model_fingerprint counts them: a policy retrained in place has
+    the same size but not the same mtime."""
     h = hashlib.sha256()
     root = Path(folder)
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
@@ -39,7 +41,8 @@ def folder_digest(folder: str | Path) -> str:
         if path.suffix in _DIGESTED:
             h.update(f"{rel}:{file_digest(path)}".encode())
         else:
-            h.update(f"{rel}:{path.stat().st_size}".encode())
+            stat = path.stat()
+            h.update(f"{rel}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return h.hexdigest()
 
 

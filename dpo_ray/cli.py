@@ -46,7 +46,7 @@ def _load(args) -> PipelineConfig:
 
 
 def stage_main(stage: str, argv: list[str] | None = None) -> None:
-    from dpo_ray import artifacts
+    from dpo_ray import artifacts, keys
     from dpo_ray.pipeline import StageRunner, init_ray
     from dpo_ray.stages import evaluate, label, reference, sample, train
     from dpo_ray.tracking import Tracker
@@ -63,9 +63,16 @@ def stage_main(stage: str, argv: list[str] | None = None) -> None:
         "train": lambda tmp, run_id, key: train.run(cfg, args.reference, str(tmp), key, run_id),
         "evaluate": lambda tmp, run_id, key: evaluate.run(cfg, args.prompts, args.policy, str(tmp)),
     }
-    inputs = {"config": cfg.model_dump(mode="json"),
-              **{name: str(Path(getattr(args, name)).resolve()) for name in _STAGE_INPUTS[stage]
-                 if getattr(args, name, None)}}
+    # Keyed on the inputs' contents, as `dpo-ray run` keys its stages: a rerun after the input changed recomputes.
+    digest = {name: keys.source_digest(getattr(args, name)) for name in _STAGE_INPUTS[stage] if getattr(args, name)}
+    inputs = {
+        "sample": lambda: keys.sample(cfg),
+        "label": lambda: (keys.label(cfg, digest["completions"]) if args.completions
+                          else keys.import_preferences(cfg)),
+        "reference": lambda: keys.reference(cfg, digest["pairs"]),
+        "train": lambda: keys.train(cfg, digest["reference"]),
+        "evaluate": lambda: keys.evaluate(cfg, digest["policy"], cfg.reference_model, digest["prompts"]),
+    }[stage]()
     manifest = StageRunner(cfg, Tracker(cfg))(stage, out, inputs, runs[stage])
     print(f"[dpo-ray] {stage} output: {out} ({artifacts.MANIFEST}: {manifest['key'][:12]})")
 

@@ -20,10 +20,10 @@ from typing import Callable
 import ray
 import ray.data
 
-from dpo_ray import artifacts
+from dpo_ray import artifacts, keys
 from dpo_ray.config import (PipelineConfig, build_config, check_resources, concurrent_trainings, merge,
                              round_config)
-from dpo_ray.models import model_fingerprint, resolve_model
+from dpo_ray.models import resolve_model
 from dpo_ray.stages import evaluate, label, reference, sample, train
 from dpo_ray.tracking import Tracker, numeric
 
@@ -63,13 +63,6 @@ def check_writable(folder: Path, min_free_gb: float = 1.0) -> None:
     free_gb = shutil.disk_usage(folder).free / 2**30
     if free_gb < min_free_gb:
         raise OSError(f"run.root: only {free_gb:.2f} GiB free under {folder}; need at least {min_free_gb} GiB")
-
-
-def source_digest(path: str) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    return artifacts.folder_digest(p) if p.is_dir() else artifacts.file_digest(p)
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -142,38 +135,24 @@ class PreparedPairs:
 
 def prepare_pairs(cfg: PipelineConfig, out: Path, stage: "StageRunner") -> PreparedPairs:
     """sample -> label -> reference (or import preference data -> reference) into `out`."""
-    d, m = cfg.data, cfg.model
-    common = {"seed": cfg.run.seed, "dtype": m.dtype, "policy": model_fingerprint(m.policy)}
-    if d.preferences:
-        labeled = stage("label", out / "label",
-                        {**common, "preferences": source_digest(d.preferences), "limits": _limits(cfg),
-                         "on_bad_rows": d.on_bad_rows},
+    if cfg.data.preferences:
+        labeled = stage("label", out / "label", keys.import_preferences(cfg),
                         lambda tmp, _run, _key: label.import_preferences(cfg, str(tmp)))
         prompts_path = None
     else:
-        sampled = stage("sample", out / "sample",
-                        {**common, "prompts": source_digest(d.prompts), "data": d.model_dump(),
-                         "sample": cfg.sample.model_dump()},
-                        lambda tmp, _run, _key: sample.run(cfg, str(tmp)))
+        sampled = stage("sample", out / "sample", keys.sample(cfg), lambda tmp, _run, _key: sample.run(cfg, str(tmp)))
         prompts_path = out / "sample" / "prompts.parquet"
-        labeled = stage("label", out / "label",
-                        {"completions": sampled["output_digest"], "label": cfg.label.model_dump(),
-                         "labeler_models": _labeler_fingerprints(cfg)},
+        labeled = stage("label", out / "label", keys.label(cfg, sampled["output_digest"]),
                         lambda tmp, _run, _key: label.run(cfg, str(out / "sample" / "completions"), str(tmp),
                                                           sampled_by=cfg.model.policy))
-    referenced = stage("reference", out / "reference",
-                       {"pairs": labeled["output_digest"], "reference": model_fingerprint(cfg.reference_model),
-                        "dtype": m.dtype, "limits": _limits(cfg)},
+    referenced = stage("reference", out / "reference", keys.reference(cfg, labeled["output_digest"]),
                        lambda tmp, _run, _key: reference.run(cfg, str(out / "label" / "pairs"), str(tmp)))
     return PreparedPairs(out / "reference", referenced["output_digest"], prompts_path, labeled["stats"])
 
 
 def train_policy(cfg: PipelineConfig, out: Path, stage: "StageRunner", pairs: PreparedPairs) -> dict:
     """train into `out/train`; returns its manifest."""
-    return stage("train", out / "train",
-                 {"seed": cfg.run.seed, "dtype": cfg.model.dtype, "policy": model_fingerprint(cfg.model.policy),
-                  "reference": pairs.reference_digest, "train": cfg.train.model_dump(),
-                  "init": model_fingerprint(cfg.train.init_from) if cfg.train.init_from else None},
+    return stage("train", out / "train", keys.train(cfg, pairs.reference_digest),
                  lambda tmp, run_id, key: train.run(cfg, str(pairs.reference_dir), str(tmp), key, run_id))
 
 
@@ -192,12 +171,9 @@ def evaluate_policy(cfg: PipelineConfig, out: Path, stage: "StageRunner", pairs:
             path = tmp / "prompts.parquet"
         return evaluate.run(cfg, str(path), policy_path, str(tmp), baseline)
 
+    prompts_digest = keys.source_digest(d.prompts) if d.prompts else None
     evaluated = stage("evaluate", out / "evaluate",
-                      {"policy": trained["output_digest"], "baseline": model_fingerprint(baseline),
-                       "prompts": source_digest(d.prompts) if d.prompts else None, "seed": cfg.run.seed,
-                       "evaluate": cfg.evaluate.model_dump(), "sample": cfg.sample.model_dump(),
-                       "labeler": cfg.label.model_dump(), "beta": cfg.train.beta},
-                      evaluate_fn)
+                      keys.evaluate(cfg, trained["output_digest"], baseline, prompts_digest), evaluate_fn)
     return {"policy": policy_path, "metrics": evaluated["stats"]}
 
 
@@ -211,11 +187,6 @@ def run_round(cfg: PipelineConfig, out: Path, stage: "StageRunner", baseline: st
     """One round into `out`: {"policy", "metrics", "label"}; the policy is judged against `baseline`."""
     pairs = prepare_pairs(cfg, out, stage)
     return {**train_and_evaluate(cfg, out, stage, pairs, baseline), "label": pairs.label_stats}
-
-
-def _limits(cfg: PipelineConfig) -> dict:
-    return {k: getattr(cfg.data, k) for k in ("max_prompt_tokens", "max_completion_tokens", "prompt_truncation",
-                                              "system_prompt")}
 
 
 def start(cfg: PipelineConfig) -> tuple[Tracker, StageRunner]:
@@ -357,17 +328,6 @@ def write_round_report(rounds: list[dict], run_dir: Path) -> str:
         run_dir / "rounds.png", "round over round, against the initial model",
     )
     return table
-
-
-def _labeler_fingerprints(cfg: PipelineConfig) -> dict:
-    lab = cfg.label
-    models = {}
-    if "reward_model" in (lab.labeler, lab.filter_labeler):
-        models["reward_model"] = model_fingerprint(lab.reward_model)
-    if lab.labeler == "implicit":
-        models["policy"] = model_fingerprint(lab.implicit_policy or cfg.model.policy)
-        models["reference"] = model_fingerprint(lab.implicit_reference or cfg.reference_model)
-    return models
 
 
 def _print_summary(summary: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -129,15 +130,20 @@ def test_folder_digest_ignores_manifest_and_sees_names(tmp_path):
     assert artifacts.folder_digest(folder) != before
 
 
-def test_folder_digest_weights_by_name_and_size(tmp_path):
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
-    before = artifacts.folder_digest(folder)
-    (folder / "model.safetensors").write_bytes(b"\x01" * 64)  # same size: counted by name and size only
-    assert artifacts.folder_digest(folder) == before
-    (folder / "model.safetensors").write_bytes(b"\x01" * 65)
-    assert artifacts.folder_digest(folder) != before
+def test_folder_digest_weights_by_name_size_and_mtime(tmp_path):
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"\x00" * 64)
+    os.utime(weights, ns=(1_000_000_000, 1_000_000_000))
+    before = artifacts.folder_digest(weights.parent)
+    weights.write_bytes(b"\x01" * 64)  # the bytes are not read: same size and mtime, same digest
+    os.utime(weights, ns=(1_000_000_000, 1_000_000_000))
+    assert artifacts.folder_digest(weights.parent) == before
+    os.utime(weights, ns=(2_000_000_000, 2_000_000_000))  # retrained in place: same size, newer file
+    assert artifacts.folder_digest(weights.parent) != before
+    weights.write_bytes(b"\x01" * 65)
+    os.utime(weights, ns=(1_000_000_000, 1_000_000_000))
+    assert artifacts.folder_digest(weights.parent) != before
 
 
 # ----------------------------------------------------------------------------------------------- tracking

@@ -4,8 +4,12 @@ The chain sample -> label -> reference -> train -> evaluate is driven through `d
 time, each reading the previous stage's folder, as a user debugging one stage would.
 """
 
+import json
 import os
+import shutil
+from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import ray
@@ -119,8 +123,11 @@ def test_offline_preference_data_feeds_reference_and_train(chain):
     assert pairs["chosen_reward"].null_count == 24
     main(["reference", "--pairs", str(root / "offline_label" / "pairs"), "--out", str(root / "offline_ref"),
           *common, *prefs])
-    main(["train", "--reference", str(root / "offline_ref"), "--out", str(root / "offline_train"), *common, *prefs])
-    assert read_manifest(root / "offline_train")["stats"]["pairs"] == 24
+    # 24 pairs at batch 5: the fifth step of each epoch trains the 4 left over and repeats 1, none is dropped.
+    main(["train", "--reference", str(root / "offline_ref"), "--out", str(root / "offline_train"), *common, *prefs,
+          "train.batch_size=5", "train.micro_batch_size=1"])
+    stats = read_manifest(root / "offline_train")["stats"]
+    assert (stats["pairs"], stats["pairs_repeated_per_epoch"], stats["steps"]) == (24, 1, 5 * 2)
 
 
 def test_more_gpus_than_the_cluster_fails_before_any_work(chain):
@@ -137,3 +144,63 @@ def test_stages_read_parquet_without_starting_footer_reader_actors(chain):
     classes = {actor["ActorClassName"] for actor in ray._private.state.actors().values()}
     assert any("MapWorker" in name for name in classes), classes
     assert not any("FooterReader" in name for name in classes), classes
+
+
+def _rerun_says(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    main(argv)
+    return capsys.readouterr().out
+
+
+def test_sample_reruns_when_the_prompt_file_changed_in_place(chain, capsys, tmp_path):
+    root, common = chain
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text((Path("data/prompts/movie_reviews.jsonl")).read_text())
+    argv = ["sample", "--out", str(root / "s_edit"), *common, f"data.prompts={prompts}", "data.num_train_prompts=4",
+            "data.num_eval_prompts=1"]
+    main(argv)
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    for row in rows:
+        row["prompt"] = "EDITED " + row["prompt"]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = _rerun_says(capsys, argv)
+    assert "up to date, skipped" not in out
+    sampled = schemas.read_table(root / "s_edit" / "completions", schemas.COMPLETIONS)["prompt"].to_pylist()
+    assert sampled and all("EDITED" in p for p in sampled)
+
+
+def test_label_reruns_when_the_completions_folder_changed_in_place(chain, capsys):
+    import pyarrow.parquet as pq
+
+    root, common = chain
+    completions = root / "c_edit"
+    shutil.copytree(root / "s" / "completions", completions)
+    argv = ["label", "--completions", str(completions), "--out", str(root / "l_edit"), *common, "label.min_margin=0"]
+    main(argv)
+    before = read_manifest(root / "l_edit")["stats"]
+    # The user keeps only a third of the prompts (the same folder, new contents).
+    table = schemas.read_table(completions, schemas.COMPLETIONS)
+    keep = sorted(set(table["prompt_id"].to_pylist()))[:4]
+    shutil.rmtree(completions)
+    completions.mkdir()
+    pq.write_table(table.filter(pc.is_in(table["prompt_id"], pa.array(keep))), completions / "part-0.parquet")
+    assert "up to date, skipped" not in _rerun_says(capsys, argv)
+    after = read_manifest(root / "l_edit")["stats"]
+    assert after["prompts"] == 4 < before["prompts"]
+    pairs = schemas.read_table(root / "l_edit" / "pairs", schemas.PAIRS)
+    assert set(pairs["prompt_id"].to_pylist()) <= set(keep)
+
+
+def test_preference_import_reruns_when_the_file_was_corrected(chain, capsys, tmp_path):
+    root, common = chain
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [json.loads(line) for line in Path("data/preferences/movie_reviews_hh.jsonl").read_text().splitlines()]
+    swapped = [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in rows]
+    prefs.write_text("".join(json.dumps(row) + "\n" for row in swapped))
+    argv = ["label", "--out", str(root / "prefs_edit"), *common, f"data.preferences={prefs}"]
+    main(argv)
+    prefs.write_text("".join(json.dumps(row) + "\n" for row in rows))  # chosen/rejected fixed
+    assert "up to date, skipped" not in _rerun_says(capsys, argv)
+    pairs = schemas.read_table(root / "prefs_edit" / "pairs", schemas.PAIRS).to_pylist()
+    by_id = {row["id"]: row for row in rows}
+    assert pairs and all(by_id[p["pair_id"]]["chosen"].endswith(p["chosen"]) for p in pairs), pairs[0]

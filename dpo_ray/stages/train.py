@@ -316,6 +316,12 @@ def train_loop_per_worker(config: dict) -> None:
                                      checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
 
 
+def epoch_layout(pairs: int, batch_size: int) -> tuple[int, int]:
+    """(steps per epoch, pairs repeated to fill its last batch) so that every pair trains once per epoch."""
+    steps = math.ceil(pairs / batch_size)
+    return steps, steps * batch_size - pairs
+
+
 def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, mlflow_run_id: str | None) -> dict:
     """Train on the reference Parquet; the final policy lands in <out_dir>/policy as a safetensors folder."""
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -328,13 +334,19 @@ def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, ml
                .map_batches(with_order_key, fn_kwargs={"seed": cfg.run.seed}, batch_format="pyarrow")
                .sort(_ORDER_KEY).drop_columns([_ORDER_KEY]).materialize())
     pairs = ordered.count()
+    if pairs < t.batch_size:
+        raise ValueError(f"train.batch_size: {t.batch_size} is larger than the {pairs} pairs available")
+    steps_per_epoch, repeated = epoch_layout(pairs, t.batch_size)
+    if repeated:
+        # Every pair trains each epoch: the last batch is filled with the first pairs of the seeded order (as
+        # PyTorch's DistributedSampler pads), rather than the remainder being dropped unseen.
+        print(f"[dpo-ray] train: {pairs} pairs at train.batch_size={t.batch_size}: the last batch of each epoch "
+              f"repeats {repeated} pair(s) to train the {pairs % t.batch_size} left over", flush=True)
+        ordered = ordered.union(ordered.limit(repeated)).materialize()
     # The sort's output blocks follow the input's files and read blocks, and the split between workers follows
     # the blocks: blocks cut at fixed row indices give every worker the same pairs whatever the file layout.
-    blocks = t.num_workers * max(1, math.ceil(pairs / (t.num_workers * _PAIRS_PER_BLOCK)))
+    blocks = t.num_workers * max(1, math.ceil((pairs + repeated) / (t.num_workers * _PAIRS_PER_BLOCK)))
     dataset = ordered.repartition(blocks, shuffle=False).materialize()
-    steps_per_epoch = (pairs // t.num_workers) // (t.batch_size // t.num_workers)
-    if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size: {t.batch_size} is larger than the {pairs} pairs available")
     import mlflow
 
     trainer = TorchTrainer(
@@ -368,7 +380,7 @@ def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, ml
     # Per-step values are already in MLflow under their own names; the stage summary keeps the last step's.
     final = {f"final/{k}": v for k, v in result.metrics.items()
              if isinstance(v, (int, float)) and k not in ("step", "nonfinite_steps")}
-    return {**final, "pairs": pairs, "steps": state["step"], "nonfinite_steps": state["nonfinite_steps"],
+    return {**final, "pairs": pairs, "pairs_repeated_per_epoch": repeated, "steps": state["step"], "nonfinite_steps": state["nonfinite_steps"],
             "tokens": state["tokens"], "resumed_from": state["resumed_from"]}
 
 
