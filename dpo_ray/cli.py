@@ -47,12 +47,13 @@ def _load(args) -> PipelineConfig:
 
 def stage_main(stage: str, argv: list[str] | None = None) -> None:
     from dpo_ray import artifacts, keys
-    from dpo_ray.pipeline import StageRunner, init_ray
+    from dpo_ray.pipeline import StageRunner, check_run_root, init_ray
     from dpo_ray.stages import evaluate, label, reference, sample, train
     from dpo_ray.tracking import Tracker
 
     args = _parser(stage).parse_intermixed_args(argv)
     cfg = _load(args)
+    check_run_root(cfg)
     init_ray(cfg)
     out = Path(args.out).resolve()
     runs = {

@@ -9,25 +9,28 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import ray
 import ray.data
 
 from dpo_ray import artifacts, keys
-from dpo_ray.config import (PipelineConfig, build_config, check_resources, concurrent_trainings, merge,
+from dpo_ray.config import (ConfigError, PipelineConfig, build_config, check_resources, concurrent_trainings, merge,
                              round_config)
 from dpo_ray.models import resolve_model
 from dpo_ray.stages import evaluate, label, reference, sample, train
 from dpo_ray.tracking import Tracker, numeric
 
 _FORWARDED_ENV = ("DPO_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "MLFLOW_TRACKING_URI")
+# Where a Ray job's driver finds the job's config, runtime env included (ray._private.runtime_env.constants).
+_JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def init_ray(cfg: PipelineConfig) -> None:
@@ -43,12 +46,34 @@ def init_ray(cfg: PipelineConfig) -> None:
     context.use_datasource_v2 = False
     if not ray.is_initialized():
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-        ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": env})
+        ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": forwarded_env(os.environ)})
     if cfg.run.check_resources:
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         largest = {k: max(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")} if nodes else {}
         check_resources(cfg, ray.cluster_resources(), largest)
+
+
+def _job_runtime_env(environ: Mapping[str, str]) -> dict:
+    """The runtime env of the Ray job this driver runs as ({} outside a job)."""
+    job_config = environ.get(_JOB_CONFIG_VAR)
+    return (json.loads(job_config).get("runtime_env") or {}) if job_config else {}
+
+
+def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The driver's settings every worker needs, minus those a Ray job's own runtime env already sets: Ray refuses
+    to merge a job's runtime env with ray.init's when both name the same variable, even with equal values."""
+    set_by_job = _job_runtime_env(environ).get("env_vars") or {}
+    return {k: environ[k] for k in _FORWARDED_ENV if k in environ and k not in set_by_job}
+
+
+def check_run_root(cfg: PipelineConfig, environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse a relative run.root in a Ray job with a working dir: the job runs in Ray's temporary copy of that
+    dir, which is deleted with the Ray session, outputs and MLflow store included."""
+    if Path(cfg.run.root).is_absolute() or not _job_runtime_env(environ).get("working_dir"):
+        return
+    raise ConfigError(f"run.root: {cfg.run.root!r} is relative, and this Ray job runs in Ray's temporary copy of its "
+                      f"working dir ({Path.cwd()}), which is deleted with the Ray session; give an absolute path "
+                      "(e.g. run.root=$PWD/runs on the `ray job submit` line, or shared storage on a cluster)")
 
 
 def check_writable(folder: Path, min_free_gb: float = 1.0) -> None:
@@ -191,6 +216,7 @@ def run_round(cfg: PipelineConfig, out: Path, stage: "StageRunner", baseline: st
 
 def start(cfg: PipelineConfig) -> tuple[Tracker, StageRunner]:
     """Checks and connections every driver needs before its first stage."""
+    check_run_root(cfg)
     check_writable(cfg.run_dir)
     init_ray(cfg)
     # Built-in models are prepared here, once, before any actor asks for them.

@@ -101,3 +101,30 @@ def isolated_env() -> dict:
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+# A fenced shell block in the docs that the tests cannot run (it needs a real cloud or GPU cluster) is preceded by
+# this marker and a reason; every other block is run verbatim by a test (tests/test_docs_commands.py).
+NOT_RUN_MARKER = "<!-- not run by the tests:"
+
+
+def doc_shell_blocks(doc: Path) -> list[dict]:
+    """The ```bash blocks of a Markdown file: {"doc", "line", "text", "not_run": reason or None}."""
+    import re
+
+    text = doc.read_text()
+    blocks = []
+    for match in re.finditer(r"```bash\n(.*?)```", text, re.S):
+        before = text[:match.start()].rstrip().splitlines()
+        marker = before[-1] if before and before[-1].startswith(NOT_RUN_MARKER) else None
+        blocks.append({"doc": doc.name, "line": text[:match.start()].count("\n") + 1, "text": match.group(1),
+                       "not_run": marker[len(NOT_RUN_MARKER):].removesuffix("-->").strip() if marker else None})
+    return blocks
+
+
+def doc_command(doc: Path, starts_with: str) -> str:
+    """The one documented command line that starts with `starts_with`, as written (its trailing comment cut)."""
+    lines = [line for block in doc_shell_blocks(doc) for line in block["text"].splitlines()
+             if line.startswith(starts_with)]
+    assert len(lines) == 1, f"{doc.name}: expected one line starting with {starts_with!r}, found {lines}"
+    return lines[0].split("  #")[0].rstrip()

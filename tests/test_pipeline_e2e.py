@@ -1,17 +1,18 @@
 """pipelines/full.py end to end on the tiny random Llama, through a real local Ray and a real MLflow store.
 
-One module-scoped run (a subprocess, as a user would start it) feeds every assertion; a second invocation
+One module-scoped run (the README's `make run`, as a user would start it) feeds every assertion; a second invocation
 checks that finished stages are skipped and that the MLflow parent run is reused.
 """
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import isolated_env
+from conftest import doc_command, isolated_env
 
 from dpo_ray import schemas
 from dpo_ray.artifacts import read_manifest
@@ -23,11 +24,11 @@ STAGES = ("sample", "label", "reference", "train", "evaluate")
 
 
 def run_full(root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = isolated_env()
-    proc = subprocess.run(
-        [sys.executable, "pipelines/full.py", "--config", "configs/tiny.yaml", f"run.root={root}", *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
-    )
+    """The README's `make run`, as written, made small through ARGS (as the README says to pass options)."""
+    args = shlex.join(["--config", "configs/tiny.yaml", f"run.root={root}", *overrides])
+    command = f"{doc_command(REPO / 'README.md', 'make run')} ARGS={shlex.quote(args)}"
+    proc = subprocess.run(command, shell=True, cwd=REPO, env=isolated_env(), capture_output=True, text=True,
+                          timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 

@@ -1,0 +1,44 @@
+"""The driver as a Ray job runs it: the job's runtime env (the shipped cluster/runtime_env.yaml) merged with what
+init_ray forwards, by Ray's own merge; and a relative run.root refused inside the job's temporary working dir."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.runtime_env.runtime_env import _merge_runtime_env
+
+from dpo_ray.config import ConfigError, load_config
+from dpo_ray.pipeline import _FORWARDED_ENV, check_run_root, forwarded_env
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+
+
+def _job_driver_environ(runtime_env: dict) -> dict:
+    # What Ray's JobSupervisor gives the entrypoint: the job's env vars, and the job config as JSON.
+    uploaded = {**runtime_env, "working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}
+    return {**runtime_env.get("env_vars", {}), "HF_HUB_OFFLINE": "1",
+            "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": uploaded, "metadata": {}})}
+
+
+def test_the_shipped_runtime_env_merges_with_what_the_driver_forwards():
+    environ = _job_driver_environ(SHIPPED)
+    assert set(SHIPPED["env_vars"]) & set(_FORWARDED_ENV)  # the conflict this guards against is real
+    driver = {"env_vars": forwarded_env(environ)}
+    merged = _merge_runtime_env(json.loads(environ["RAY_JOB_CONFIG_JSON_ENV_VAR"])["runtime_env"], driver)
+    assert merged is not None, "Ray would refuse: Failed to merge the Job's runtime env"
+    assert merged["env_vars"] == {**SHIPPED["env_vars"], "HF_HUB_OFFLINE": "1"}
+
+
+def test_outside_a_job_every_forwarded_variable_goes_to_the_workers():
+    environ = {"DPO_RAY_CACHE": "/c", "MLFLOW_TRACKING_URI": "http://x:5000", "PATH": "/bin"}
+    assert forwarded_env(environ) == {"DPO_RAY_CACHE": "/c", "MLFLOW_TRACKING_URI": "http://x:5000"}
+
+
+def test_a_relative_run_root_is_refused_in_a_job_with_a_working_dir():
+    environ = _job_driver_environ(SHIPPED)
+    with pytest.raises(ConfigError, match=r"^run\.root: 'runs' is relative, and this Ray job runs in Ray's temporary"):
+        check_run_root(load_config(None, ["run.root=runs"]), environ)
+    check_run_root(load_config(None, ["run.root=/shared/runs"]), environ)
+    check_run_root(load_config(None, ["run.root=runs"]), {})  # not a job: relative to the current directory
