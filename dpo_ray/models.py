@@ -149,6 +149,18 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def device_for(gpu_ids: list) -> torch.device:
+    """The device for a model in a Ray actor given `ray.get_gpu_ids()`: the actor's first GPU (Ray narrows
+    CUDA_VISIBLE_DEVICES to the actor's GPUs, so it is cuda:0), else the CPU. A GPU reserved but invisible to torch
+    is an error, not a silent fall-back that holds the GPU and computes on the CPU."""
+    if not gpu_ids:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ModelError(f"Ray gave this actor GPU(s) {list(gpu_ids)} but torch {torch.__version__} sees no CUDA "
+                         "device (a CPU-only torch build?); install a CUDA torch or set the stage's gpus_per_actor=0")
+    return torch.device("cuda", 0)
+
+
 def load_causal_lm(spec: str, dtype: str = "float32", device: str | torch.device = "cpu",
                    trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM

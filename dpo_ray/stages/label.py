@@ -25,7 +25,7 @@ import torch
 from dpo_ray import schemas
 from dpo_ray.config import LabelConfig, PipelineConfig
 from dpo_ray.inputs import Reject, read_preferences, write_rejects
-from dpo_ray.models import ModelError, load_tokenizer, resolve_model, set_torch_threads
+from dpo_ray.models import ModelError, device_for, load_tokenizer, resolve_model, set_torch_threads
 from dpo_ray.pairs import PairStats, build_pairs
 from dpo_ray.stages.reference import completion_logps_column
 from dpo_ray.text import TokenizationError, completion_token_ids, prompt_token_ids
@@ -52,8 +52,9 @@ class RewardModelScorer:
         set_torch_threads(self.cfg.run.torch_threads)
         trust = self.cfg.model.trust_remote_code
         local = resolve_model(path)
+        self.device = device_for(ray.get_gpu_ids())
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            local, trust_remote_code=trust, use_safetensors=True).eval()
+            local, trust_remote_code=trust, use_safetensors=True).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -71,7 +72,8 @@ class RewardModelScorer:
         scores = []
         size = self.cfg.label.batch_size
         for start in range(0, len(texts), size):
-            enc = self.tokenizer(texts[start : start + size], padding=True, truncation=True, return_tensors="pt")
+            enc = self.tokenizer(texts[start : start + size], padding=True, truncation=True,
+                                 return_tensors="pt").to(self.device)
             scores += self.model(**enc).logits[:, 0].float().tolist()
         return batch.append_column(self.column, pa.array(scores, pa.float64()))
 

@@ -27,7 +27,7 @@ import torch
 from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.logprobs import shared_prompt_batch, shared_prompt_logps
-from dpo_ray.models import load_causal_lm, load_tokenizer, model_fingerprint, set_torch_threads
+from dpo_ray.models import device_for, load_causal_lm, load_tokenizer, model_fingerprint, set_torch_threads
 from dpo_ray.stages.sample import sample_logp_is_exact
 
 
@@ -91,8 +91,9 @@ class LogProbScorer:
         self.cfg = PipelineConfig.model_validate(cfg)
         set_torch_threads(self.cfg.run.torch_threads)
         self.columns = columns
-        self.model = load_causal_lm(model_spec, self.cfg.model.dtype,
-                                    trust_remote_code=self.cfg.model.trust_remote_code).eval()
+        self.device = device_for(ray.get_gpu_ids())
+        self.model = load_causal_lm(model_spec, self.cfg.model.dtype, self.device,
+                                    self.cfg.model.trust_remote_code).eval()
         self.pad_id = load_tokenizer(model_spec, self.cfg.model.trust_remote_code).pad_token_id
         self.known = ReferenceCache(Path(cache_dir)).load() if cache_dir else {}
 
@@ -113,7 +114,7 @@ class LogProbScorer:
         for start in range(0, len(order), size):
             rows = order[start : start + size]
             tensors = shared_prompt_batch([prompts[r] for r in rows], [completions[r] for r in rows], self.pad_id)
-            sums, _ = shared_prompt_logps(self.model, **tensors)
+            sums, _ = shared_prompt_logps(self.model, **{k: t.to(self.device) for k, t in tensors.items()})
             for i, r in enumerate(rows):
                 results[r] = sums[i * len(self.columns) : (i + 1) * len(self.columns)].tolist()
         for index, out in enumerate(self.columns.values()):

@@ -28,7 +28,7 @@ from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.inputs import read_prompts, write_rejects
 from dpo_ray.logprobs import pad_batch
-from dpo_ray.models import load_causal_lm, load_tokenizer, resolve_model, set_torch_threads
+from dpo_ray.models import device_for, load_causal_lm, load_tokenizer, resolve_model, set_torch_threads
 from dpo_ray.text import decode_completion, prompt_token_ids
 
 
@@ -61,7 +61,8 @@ def draw_tokens(probs: torch.Tensor, generators: list[torch.Generator]) -> torch
     One uniform per row keeps a row's draw independent of its batch, like a per-row torch.multinomial, which
     however draws a vocab-sized exponential vector per row: 30x slower here, 14% of a decode step.
     """
-    uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]).to(probs.dtype)
+    # Drawn on the CPU, whatever the model's device: a seed gives the same uniforms on any machine.
+    uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]).to(probs.device, probs.dtype)
     cdf = probs.cumsum(-1)
     token = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
     # Rounding can put the target at the very end of the CDF; the last token of nonzero mass is the right one.
@@ -86,7 +87,8 @@ def sample_tokens(
     Each prompt is prefilled once and its KV cache repeated n times (prefill is half the work at our lengths).
     `seeds` holds one seed per output row (len(prompts) * n), so a row's tokens do not depend on its batch.
     """
-    batch = pad_batch(prompts, [[] for _ in prompts], pad_id, side="left")
+    device = next(model.parameters()).device
+    batch = {k: t.to(device) for k, t in pad_batch(prompts, [[] for _ in prompts], pad_id, side="left").items()}
     attention = batch["attention_mask"]
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=batch["input_ids"], attention_mask=attention, position_ids=positions,
@@ -101,10 +103,10 @@ def sample_tokens(
     if len(seeds) != rows:
         raise ValueError(f"{len(seeds)} seeds for {rows} rows")
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
-    done = torch.zeros(rows, dtype=torch.bool)
-    hit_eos = torch.zeros(rows, dtype=torch.bool)
-    logp = torch.zeros(rows, dtype=torch.float64)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    hit_eos = torch.zeros(rows, dtype=torch.bool, device=device)
+    logp = torch.zeros(rows, dtype=torch.float64, device=device)
     steps = []
     for _ in range(max_new_tokens):
         logits = logits.float()
@@ -121,12 +123,13 @@ def sample_tokens(
         done |= newly_done
         if done.all():
             break
-        attention = torch.cat([attention, torch.ones(rows, 1, dtype=attention.dtype)], dim=1)
+        attention = torch.cat([attention, attention.new_ones(rows, 1)], dim=1)
         out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
                     past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_position = next_position + 1
     tokens = torch.stack(steps, dim=1).tolist()
+    hit_eos, logp = hit_eos.tolist(), logp.tolist()
     results = []
     for row in range(rows):
         ids = tokens[row]
@@ -174,8 +177,8 @@ class _Sampler:
 class TransformersSampler(_Sampler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.model = load_causal_lm(self.model_spec, self.cfg.model.dtype,
-                                    trust_remote_code=self.cfg.model.trust_remote_code).eval()
+        self.model = load_causal_lm(self.model_spec, self.cfg.model.dtype, device_for(ray.get_gpu_ids()),
+                                    self.cfg.model.trust_remote_code).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         self.eos_ids.discard(None)
