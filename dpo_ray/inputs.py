@@ -143,25 +143,39 @@ def read_prompts(path: str | Path, on_bad_rows: str = "error") -> ReadResult:
     return _collect(Path(path), on_bad_rows, validate)
 
 
-def _split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Anthropic-HH style: the prompt is the shared prefix, cut after its last 'Assistant:' turn marker."""
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
-    prefix = chosen[:n]
-    marker = prefix.rfind("Assistant:")
-    cut = marker + len("Assistant:") if marker >= 0 else max(prefix.rfind(" "), prefix.rfind("\n")) + 1
-    return chosen[:cut], chosen[cut:], rejected[cut:]
+_HH_REPLY = "Assistant:"
+
+
+def _split_hh(chosen: str, rejected: str) -> tuple[tuple[str, str, str] | None, str | None]:
+    """Anthropic-HH text: ((prompt, chosen reply, rejected reply), None), the prompt being every turn up to and
+    including the last 'Assistant:' marker, which both texts must share; or (None, the problem)."""
+    cut_chosen, cut_rejected = chosen.rfind(_HH_REPLY), rejected.rfind(_HH_REPLY)
+    if cut_chosen < 0 or cut_rejected < 0:
+        side = "chosen" if cut_chosen < 0 else "rejected"
+        return None, (f"{side} has no {_HH_REPLY!r} turn; text chosen/rejected without a prompt must be "
+                      "Anthropic-HH conversations (or give a 'prompt' column)")
+    if chosen[:cut_chosen] != rejected[:cut_rejected]:
+        return None, f"chosen and rejected differ before their last {_HH_REPLY!r} turn (the prompt turns must match)"
+    cut = cut_chosen + len(_HH_REPLY)
+    return (chosen[:cut], chosen[cut:], rejected[cut_rejected + len(_HH_REPLY):]), None
+
+
+def _conversation_matches_prompt(conversation: list, prompt) -> bool:
+    """Whether a chosen/rejected conversation's turns before its reply are the row's prompt (or it has none)."""
+    turns = conversation[:-1]
+    if not turns:
+        return True
+    if isinstance(prompt, list):
+        return turns == prompt
+    return [(m["role"], m["content"]) for m in turns if m["role"] != "system"] == [("user", prompt)]
 
 
 def read_preferences(path: str | Path, on_bad_rows: str = "error") -> ReadResult:
     """Rows {id, prompt, messages_json, chosen, rejected}.
 
     Accepted forms: prompt/chosen/rejected as text; prompt as chat messages with text or single-message
-    replies; chosen/rejected as whole conversations sharing their prompt turns; chosen/rejected as text with
-    the prompt as their shared prefix (Anthropic HH).
+    replies; chosen/rejected as whole conversations sharing their prompt turns (which, beside a prompt column,
+    must be that prompt); chosen/rejected as Anthropic-HH text sharing every turn up to the last 'Assistant:'.
     """
 
     def reply_text(value, name: str):
@@ -194,7 +208,15 @@ def read_preferences(path: str | Path, on_bad_rows: str = "error") -> ReadResult
                 return "rejected", "chosen and rejected conversations differ before their last message", None
             prompt = chosen_raw[:-1]
         elif prompt is None and isinstance(chosen_raw, str) and isinstance(rejected_raw, str):
-            prompt, chosen_raw, rejected_raw = _split_shared_prefix(chosen_raw, rejected_raw)
+            split, problem = _split_hh(chosen_raw, rejected_raw)
+            if problem:
+                return "rejected" if problem.startswith("rejected") else "chosen", problem, None
+            prompt, chosen_raw, rejected_raw = split
+        else:
+            for name, conv in (("chosen", chosen_raw), ("rejected", rejected_raw)):
+                if isinstance(conv, list) and _check_messages(conv, name) is None \
+                        and not _conversation_matches_prompt(conv, prompt):
+                    return name, "the conversation's turns before its reply differ from the row's prompt", None
         if isinstance(prompt, list):
             problem = _check_messages(prompt, "prompt")
             if problem:

@@ -57,6 +57,9 @@ def prompt_token_ids(tokenizer, prompt, messages_json, system_prompt, max_tokens
 def completion_token_ids(tokenizer, prompt, messages_json, system_prompt, completion: str) -> list[int]:
     """Token ids of `completion` as the assistant's reply to the prompt, ending in EOS."""
     eos = tokenizer.eos_token_id
+    if tokenizer.eos_token and tokenizer.eos_token in completion:
+        # It would tokenize to EOS and end the reply there, the rest silently untrained.
+        raise TokenizationError(f"contains the tokenizer's end-of-turn text {tokenizer.eos_token!r}")
     if tokenizer.chat_template:
         messages = prompt_messages(prompt, messages_json, system_prompt)
         prompt_ids = _encode(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))

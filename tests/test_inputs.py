@@ -283,3 +283,29 @@ def test_write_rejects_matches_schema(tmp_path):
 def test_write_rejects_nothing_to_write(tmp_path):
     write_rejects([], tmp_path)
     assert not (tmp_path / "rejects.parquet").exists()
+
+
+def test_preferences_that_would_be_silently_wrong_are_refused_with_row_and_field(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    write_lines(path, [
+        # Text without any HH turn: there is no prompt to split off ("The movie was " is not one).
+        {"chosen": "The movie was great fun", "rejected": "The movie was awful"},
+        # HH text whose earlier turns differ: the shared prefix would train a Human turn as the reply.
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: rate it\n\nAssistant: 5",
+         "rejected": "\n\nHuman: hi\n\nAssistant: hey\n\nHuman: rate it\n\nAssistant: 1"},
+        # A prompt column that is not the user turn of the chosen conversation.
+        {"prompt": "Review Heat.", "chosen": [{"role": "user", "content": "Review Alien."},
+                                              {"role": "assistant", "content": "Great."}],
+         "rejected": "Bad."},
+        {"prompt": "Review Heat.", "chosen": [{"role": "user", "content": "Review Heat."},
+                                              {"role": "assistant", "content": "Great."}],
+         "rejected": "Bad."},
+    ])
+    read = read_preferences(path, on_bad_rows="skip")
+    assert [r["row"] for r in read.rows] == [4]
+    got = {r.row: (r.field, r.reason) for r in read.rejects}
+    assert got[1][0] == "chosen" and "no 'Assistant:' turn" in got[1][1]
+    assert got[2][0] == "chosen" and "differ before their last 'Assistant:'" in got[2][1]
+    assert got[3][0] == "chosen" and "differ from the row's prompt" in got[3][1]
+    with pytest.raises(InputError, match=rf"^{path}: row 1: field chosen: chosen has no 'Assistant:' turn"):
+        read_preferences(path)

@@ -1,6 +1,7 @@
 """Offline preference import: truncation counts, identical-after-tokenization pairs, chat-template prefix pitfalls."""
 
 import json
+import re
 
 import pytest
 
@@ -39,6 +40,7 @@ class _ShiftingTemplate:
 
     chat_template = "shifting"
     eos_token_id = 2
+    eos_token = "<eos>"
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
         system = "A" if messages[-1]["role"] == "assistant" else "B"
@@ -52,3 +54,22 @@ class _ShiftingTemplate:
 def test_prompt_not_a_prefix_of_prompt_plus_completion_is_detected():
     with pytest.raises(TokenizationError, match="not a prefix"):
         completion_token_ids(_ShiftingTemplate(), "hello", None, None, "a reply")
+
+
+def test_a_reply_holding_the_end_of_turn_text_is_refused_not_cut(tmp_path):
+    from dpo_ray.config import load_config
+    from dpo_ray.models import load_tokenizer
+    from dpo_ray.stages.label import import_preferences
+
+    eos = load_tokenizer("builtin:tiny-llama").eos_token
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": "Review Heat.", "chosen": f"Great.{eos} And the rest is never trained.", "rejected": "Bad."},
+            {"prompt": "Review Alien.", "chosen": "Great.", "rejected": "Bad."}]
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, ["model.policy=builtin:tiny-llama", f"data.preferences={prefs}"])
+    with pytest.raises(TokenizationError, match=rf"^{prefs}: row 1: field chosen: contains the tokenizer's "
+                                                rf"end-of-turn text '{re.escape(eos)}'"):
+        import_preferences(cfg, str(tmp_path / "out"))
+    skip = cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_bad_rows": "skip"})})
+    stats = import_preferences(skip, str(tmp_path / "out_skip"))
+    assert (stats["pairs"], stats["rejected_rows"]) == (1, 1)

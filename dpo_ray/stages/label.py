@@ -203,16 +203,19 @@ def import_preferences(cfg: PipelineConfig, out_dir: str) -> dict:
     tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
     rows, rejects, truncated_prompts, truncated_completions = [], list(read.rejects), 0, 0
     for rec in read.rows:
+        field = "prompt"
         try:
             prompt_ids, cut = prompt_token_ids(tokenizer, rec["prompt"], rec["messages_json"], data.system_prompt,
                                                data.max_prompt_tokens, data.prompt_truncation)
-            full = {side: completion_token_ids(tokenizer, rec["prompt"], rec["messages_json"], data.system_prompt,
-                                               rec[side]) for side in ("chosen", "rejected")}
+            full = {}
+            for field in ("chosen", "rejected"):
+                full[field] = completion_token_ids(tokenizer, rec["prompt"], rec["messages_json"],
+                                                   data.system_prompt, rec[field])
             sides = {side: ids[: data.max_completion_tokens] for side, ids in full.items()}
         except TokenizationError as err:
             if data.on_bad_rows == "error":
-                raise TokenizationError(f"{data.preferences}: row {rec['row']}: field prompt: {err}") from None
-            rejects.append(Reject(data.preferences, rec["row"], "prompt", str(err), json.dumps(rec)))
+                raise TokenizationError(f"{data.preferences}: row {rec['row']}: field {field}: {err}") from None
+            rejects.append(Reject(data.preferences, rec["row"], field, str(err), json.dumps(rec)))
             continue
         if sides["chosen"] == sides["rejected"]:
             problem = "chosen and rejected tokenize identically (after truncation)"
