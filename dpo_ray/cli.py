@@ -7,15 +7,20 @@
     dpo-ray reference --pairs DIR --out DIR
     dpo-ray train     --reference DIR --out DIR
     dpo-ray evaluate  --prompts PROMPTS.parquet --policy DIR --out DIR
+
+An error in the config, the input data, a model or the run folder prints one line and exits with 2 (config),
+3 (input), 4 (model), 5 (storage) or 6 (training); add --debug (or set DPO_RAY_DEBUG=1) for the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from dpo_ray.config import ConfigError, PipelineConfig, load_config
+from dpo_ray.config import PipelineConfig, load_config
+from dpo_ray.errors import find_user_error, one_line
 
 _STAGE_INPUTS = {
     "sample": [],
@@ -39,10 +44,7 @@ def _parser(stage: str | None) -> argparse.ArgumentParser:
 
 
 def _load(args) -> PipelineConfig:
-    try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as err:
-        sys.exit(f"dpo-ray: config error: {err}")
+    return load_config(args.config, args.overrides)
 
 
 def stage_main(stage: str, argv: list[str] | None = None) -> None:
@@ -65,7 +67,7 @@ def stage_main(stage: str, argv: list[str] | None = None) -> None:
         "evaluate": lambda tmp, run_id, key: evaluate.run(cfg, args.prompts, args.policy, str(tmp)),
     }
     # Keyed on the inputs' contents, as `dpo-ray run` keys its stages: a rerun after the input changed recomputes.
-    digest = {name: keys.source_digest(getattr(args, name)) for name in _STAGE_INPUTS[stage] if getattr(args, name)}
+    digest = {name: keys.source_digest(getattr(args, name), f"--{name}") for name in _STAGE_INPUTS[stage] if getattr(args, name)}
     inputs = {
         "sample": lambda: keys.sample(cfg),
         "label": lambda: (keys.label(cfg, digest["completions"]) if args.completions
@@ -90,15 +92,23 @@ def script_main(command: str, default_config: Path = DEFAULT_CONFIG) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Errors caused by config, input, models or storage end as one line and their exit code (errors.py);
+    `--debug` or DPO_RAY_DEBUG=1 lets their traceback through."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DPO_RAY_DEBUG") == "1"
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
     command, rest = argv[0], argv[1:]
     try:
         _dispatch(command, rest)
-    except ConfigError as err:  # raised after load too, e.g. by the check of resources against the cluster
-        sys.exit(f"dpo-ray: config error: {err}")
+    except Exception as err:
+        problem = find_user_error(err)
+        if problem is None or debug:
+            raise
+        print(one_line(problem), file=sys.stderr, flush=True)
+        raise SystemExit(problem.exit_code) from None
 
 
 def _dispatch(command: str, rest: list[str]) -> None:

@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dpo_ray.errors import ConfigError
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 BUILTIN_TINY = "builtin:tiny-llama"
 
 
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line naming the key."""
-
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN or inf in a float (train.lr=nan, frontier.betas=[.inf]) can only fail later, mid-training.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunConfig(_Section):
@@ -41,6 +42,15 @@ class RunConfig(_Section):
     # Compare every stage's CPU/GPU request with the cluster before any work; turn off on an autoscaling
     # cluster whose nodes appear only on demand.
     check_resources: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        # A folder under run.root: no separator, no "..", nothing that could write elsewhere.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+            raise ValueError(f"run.name: {name!r} must be a folder name (letters, digits, '.', '_', '-'; "
+                             "starting with a letter or digit)")
+        return name
 
 
 class ModelConfig(_Section):
@@ -215,6 +225,9 @@ class PipelineConfig(_Section):
                 raise ValueError("data.prompts: required unless data.preferences is given")
             if self.sample.n < 2:
                 raise ValueError("sample.n: must be at least 2 to build preference pairs")
+            if self.sample.temperature == 0:
+                raise ValueError(f"sample.temperature: 0 is greedy decoding, so the sample.n={self.sample.n} "
+                                 "completions of a prompt are identical and make no pairs; use a temperature > 0")
         if self.evaluate.labeler is None and self.label.labeler == "implicit":
             raise ValueError("evaluate.labeler: required when label.labeler is implicit (sentiment or reward_model)")
         lab = self.label
@@ -288,7 +301,7 @@ def build_config(tree: dict) -> PipelineConfig:
     for k in cfg.rounds.overrides:
         if not 1 <= k <= cfg.rounds.count:
             raise ConfigError(f"rounds.overrides.{k}: round {k} is outside 1..rounds.count ({cfg.rounds.count})")
-    for k in range(1, cfg.rounds.count + 1) if cfg.rounds.count > 1 else ():
+    for k in range(1, cfg.rounds.count + 1):
         try:
             PipelineConfig.model_validate(_round_tree(cfg, k, f"<round {k - 1} policy>" if k > 1 else None))
         except ValidationError as err:
@@ -313,16 +326,38 @@ def round_config(cfg: PipelineConfig, k: int, previous_policy: str | None) -> Pi
     return build_config(_round_tree(cfg, k, previous_policy))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Refuses a key given twice in one mapping, which YAML would silently resolve to the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     tree: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; give a YAML file (e.g. configs/default.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.load(path.read_text(), Loader=_StrictLoader)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+            detail = err.problem if isinstance(err, yaml.MarkedYAMLError) and err.problem else err.__class__.__name__
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}: line {mark.line + 1}" if mark else str(path)
+            if detail.startswith("duplicate key"):
+                raise ConfigError(f"{where}: {detail} (YAML would silently keep only the last one)") from None
+            raise ConfigError(f"{where}: not valid YAML ({detail})") from None
+        if tree is None:
+            raise ConfigError(f"{path}: the config file is empty (an empty config is no config file at all)")
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     tree = merge(tree, parse_overrides(overrides or []))

@@ -15,11 +15,9 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from dpo_ray import schemas
+from dpo_ray.errors import InputError
 from dpo_ray.text import ROLES
 
-
-class InputError(ValueError):
-    pass
 
 
 @dataclass

@@ -12,13 +12,15 @@ from pathlib import Path
 
 from dpo_ray import artifacts
 from dpo_ray.config import PipelineConfig
+from dpo_ray.errors import InputError
 from dpo_ray.models import model_fingerprint
 
 
-def source_digest(path: str | Path) -> str:
+def source_digest(path: str | Path, what: str) -> str:
+    """Digest of an input file or folder; `what` names it (a config key or a CLI option) if it is missing."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise InputError(f"{what}: {path} does not exist")
     return artifacts.folder_digest(p) if p.is_dir() else artifacts.file_digest(p)
 
 
@@ -43,13 +45,13 @@ def _labeler_fingerprints(cfg: PipelineConfig) -> dict:
 
 
 def sample(cfg: PipelineConfig) -> dict:
-    return {**_policy(cfg), "prompts": source_digest(cfg.data.prompts), "data": cfg.data.model_dump(),
+    return {**_policy(cfg), "prompts": source_digest(cfg.data.prompts, "data.prompts"), "data": cfg.data.model_dump(),
             "sample": cfg.sample.model_dump()}
 
 
 def import_preferences(cfg: PipelineConfig) -> dict:
     d = cfg.data
-    return {**_policy(cfg), "preferences": source_digest(d.preferences), "limits": _limits(cfg),
+    return {**_policy(cfg), "preferences": source_digest(d.preferences, "data.preferences"), "limits": _limits(cfg),
             "on_bad_rows": d.on_bad_rows}
 
 

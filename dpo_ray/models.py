@@ -18,13 +18,11 @@ from pathlib import Path
 import torch
 
 from dpo_ray.config import BUILTIN_SMOLLM2, BUILTIN_TINY
+from dpo_ray.errors import ModelError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-class ModelError(RuntimeError):
-    pass
 
 
 def cache_dir() -> Path:

@@ -22,6 +22,7 @@ import ray
 import ray.data
 
 from dpo_ray import artifacts, keys
+from dpo_ray.errors import StorageError
 from dpo_ray.config import (ConfigError, PipelineConfig, build_config, check_resources, concurrent_trainings, merge,
                              round_config)
 from dpo_ray.models import resolve_model
@@ -84,10 +85,10 @@ def check_writable(folder: Path, min_free_gb: float = 1.0) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise OSError(f"run.root: cannot write to {folder} ({err.strerror or err})") from None
+        raise StorageError(f"run.root: cannot write to {folder} ({err.strerror or err})") from None
     free_gb = shutil.disk_usage(folder).free / 2**30
     if free_gb < min_free_gb:
-        raise OSError(f"run.root: only {free_gb:.2f} GiB free under {folder}; need at least {min_free_gb} GiB")
+        raise StorageError(f"run.root: only {free_gb:.2f} GiB free under {folder}; need at least {min_free_gb} GiB")
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -104,7 +105,7 @@ def _disk_full_is_clear(stage: str, final: Path, tmp: Path):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         free_gb = shutil.disk_usage(final.parent).free / 2**30
-        raise OSError(errno.ENOSPC, f"{stage}: disk full while writing {final} ({free_gb:.2f} GiB free now); "
+        raise StorageError(errno.ENOSPC, f"{stage}: disk full while writing {final} ({free_gb:.2f} GiB free now); "
                       "nothing was published and the partial output was removed; free space and rerun "
                       "(finished stages are skipped)") from err
 
@@ -191,12 +192,12 @@ def evaluate_policy(cfg: PipelineConfig, out: Path, stage: "StageRunner", pairs:
         path = pairs.prompts_path
         if path is None:
             if not d.prompts:
-                raise ValueError("data.prompts: evaluation of an offline run needs held-out prompts")
+                raise ConfigError("data.prompts: evaluation of an offline run needs held-out prompts")
             sample.prepare_prompts(cfg, tmp)
             path = tmp / "prompts.parquet"
         return evaluate.run(cfg, str(path), policy_path, str(tmp), baseline)
 
-    prompts_digest = keys.source_digest(d.prompts) if d.prompts else None
+    prompts_digest = keys.source_digest(d.prompts, "data.prompts") if d.prompts else None
     evaluated = stage("evaluate", out / "evaluate",
                       keys.evaluate(cfg, trained["output_digest"], baseline, prompts_digest), evaluate_fn)
     return {"policy": policy_path, "metrics": evaluated["stats"]}
@@ -216,6 +217,9 @@ def run_round(cfg: PipelineConfig, out: Path, stage: "StageRunner", baseline: st
 
 def start(cfg: PipelineConfig) -> tuple[Tracker, StageRunner]:
     """Checks and connections every driver needs before its first stage."""
+    if cfg.data.num_eval_prompts == 0:
+        raise ConfigError("data.num_eval_prompts: 0 leaves nothing to evaluate the policy on; a pipeline run needs "
+                          "at least 1 (the sample stage alone accepts 0)")
     check_run_root(cfg)
     check_writable(cfg.run_dir)
     init_ray(cfg)

@@ -12,6 +12,8 @@ from typing import Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dpo_ray.errors import InputError
+
 TOKENS = pa.list_(pa.int32())
 
 # Normalized prompts (written by the pipeline before sampling). `messages_json` keeps a chat prompt verbatim.
@@ -96,7 +98,7 @@ REJECTS = pa.schema(
 )
 
 
-class SchemaError(ValueError):
+class SchemaError(InputError):
     pass
 
 

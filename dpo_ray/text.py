@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 
+from dpo_ray.errors import InputError
+
 ROLES = ("system", "user", "assistant")
 
 
-class TokenizationError(ValueError):
+class TokenizationError(InputError):
     pass
 
 

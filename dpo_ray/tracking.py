@@ -6,6 +6,7 @@ it. Logged params are the flattened, resolved config with secret-looking names r
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -17,6 +18,9 @@ import yaml
 from dpo_ray.config import PipelineConfig
 
 RUN_DIR_TAG = "dpo_ray.run_dir"
+# The parent run is found by a hash of the run dir, never by the path itself: a filter string built from user
+# text breaks on a quote and could be made to match another run.
+RUN_KEY_TAG = "dpo_ray.run_dir_key"
 _SECRET_WORDS = {"token", "secret", "password", "passwd", "pwd", "credential", "credentials", "apikey"}
 _SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("auth", "token")}
 REDACTED = "***"
@@ -71,10 +75,13 @@ class Tracker:
 
     def _existing_parent(self) -> str | None:
         found = self.mlflow.search_runs(
-            filter_string=f"tags.`{RUN_DIR_TAG}` = '{self.cfg.run_dir}'", max_results=1,
+            filter_string=f"tags.`{RUN_KEY_TAG}` = '{self._run_key()}'", max_results=1,
             order_by=["attributes.start_time ASC"], output_format="list",
         )
         return found[0].info.run_id if found else None
+
+    def _run_key(self) -> str:
+        return hashlib.sha256(str(self.cfg.run_dir).encode()).hexdigest()[:32]
 
     @contextmanager
     def parent(self):
@@ -82,7 +89,7 @@ class Tracker:
         run_id = self._existing_parent()
         with self.mlflow.start_run(run_id=run_id, run_name=None if run_id else self.cfg.run.name) as run:
             if run_id is None:
-                self.mlflow.set_tag(RUN_DIR_TAG, str(self.cfg.run_dir))
+                self.mlflow.set_tags({RUN_DIR_TAG: str(self.cfg.run_dir), RUN_KEY_TAG: self._run_key()})
                 params = flatten(redact(self.cfg.model_dump(mode="json")))
                 self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             self.mlflow.log_text(yaml.safe_dump(redact(self.cfg.model_dump(mode="json")), sort_keys=False),

@@ -181,3 +181,19 @@ def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": [1, 2]}) == {"a.b": 1, "a.c.d": None, "e": [1, 2]}
     flat = flatten(PipelineConfig().model_dump(mode="json"))
     assert flat["train.beta"] == 0.1 and flat["sample.n"] == 4
+
+
+def test_parent_run_is_found_again_for_a_run_root_with_quotes(tmp_path, monkeypatch):
+    from dpo_ray.config import load_config
+    from dpo_ray.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "it's \"quoted\""
+    root.mkdir()
+    cfg = load_config(None, [f"run.root={root}", "run.name=quoted"])
+    other = load_config(None, [f"run.root={tmp_path}", "run.name=other"])
+    ids = []
+    for c in (cfg, other, cfg):
+        with Tracker(c).parent() as run:
+            ids.append(run.info.run_id)
+    assert ids[0] == ids[2] != ids[1]

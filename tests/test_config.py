@@ -103,11 +103,11 @@ def test_yaml_and_overrides_merge(tmp_path):
         "train": {"beta": 0.3, "loss": "ipo"},
         "sample": {"n": 6},
     }))
-    cfg = load_config(path, ["train.beta=0.05", "sample.temperature=0", "run.name=overridden"])
+    cfg = load_config(path, ["train.beta=0.05", "sample.temperature=0.5", "run.name=overridden"])
     assert cfg.train.beta == 0.05  # override wins
     assert cfg.train.loss == "ipo"  # sibling from YAML kept
     assert cfg.run.seed == 7 and cfg.run.name == "overridden"
-    assert cfg.sample.n == 6 and cfg.sample.temperature == 0.0
+    assert cfg.sample.n == 6 and cfg.sample.temperature == 0.5
     assert cfg.train.lr == 1e-6  # untouched default
 
 
@@ -246,3 +246,34 @@ def test_one_process_must_fit_on_one_node():
     cfg = load_config(None, ["sample.gpus_per_actor=2"])
     with pytest.raises(ConfigError, match=r"^sample\.gpus_per_actor: 2 GPU per process, but no Ray node has more than 1"):
         check_resources(cfg, {"CPU": 8.0, "GPU": 4.0}, {"CPU": 2.0, "GPU": 1.0})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sample.temperature=0", r"^sample\.temperature: 0 is greedy decoding, so the sample\.n=4 completions"),
+    ("rounds.overrides={2: {train: {beta: 0.2}}}", r"^rounds\.overrides\.2: round 2 is outside 1\.\.rounds\.count \(1\)"),
+    ("rounds.overrides={1: {train: {bogus: 1}}}", r"^round 1: train\.bogus: unknown key"),
+    ("frontier.betas=[0.1, .nan]", r"^frontier\.betas\.1: Input should be a finite number"),
+    ("train.lr=.nan", r"^train\.lr: Input should be a finite number"),
+    ("train.beta=.inf", r"^train\.beta: Input should be a finite number"),
+    ("train.rpo_alpha=.inf", r"^train\.rpo_alpha: Input should be a finite number"),
+    ("run.name=../x", r"^run\.name: '\.\./x' must be a folder name"),
+    ("run.name=/etc", r"^run\.name: '/etc' must be a folder name"),
+    ("run.name=it's", r"^run\.name: \"it's\" must be a folder name"),
+    ("run.name=", r"^run\.name: Input should be a valid string"),
+])
+def test_values_that_could_only_fail_later_fail_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_config_files_that_are_empty_a_folder_or_repeat_a_section(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match=r"empty\.yaml: the config file is empty"):
+        load_config(empty)
+    with pytest.raises(ConfigError, match=r"is a directory; give a YAML file"):
+        load_config(tmp_path)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  beta: 0.1\nsample:\n  n: 4\ntrain:\n  lr: 1.0e-5\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: line 5: duplicate key 'train' \(YAML would silently keep"):
+        load_config(twice)

@@ -130,12 +130,63 @@ def test_offline_preference_data_feeds_reference_and_train(chain):
     assert (stats["pairs"], stats["pairs_repeated_per_epoch"], stats["steps"]) == (24, 1, 5 * 2)
 
 
-def test_more_gpus_than_the_cluster_fails_before_any_work(chain):
+def _fails_with(capsys, argv: list[str], code: int, line: str) -> None:
+    """The CLI ends with exactly one line on stderr, starting with `line`, and exit code `code`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == code, err
+    assert len(err) == 1 and err[0].startswith(line), err
+
+
+def test_more_gpus_than_the_cluster_fails_before_any_work(chain, capsys):
     root, common = chain
-    with pytest.raises(SystemExit, match=r"^dpo-ray: config error: sample\.gpus_per_actor: 2 x 1 GPU = 2 GPU, but "
-                                         r"the Ray cluster has 0"):
-        main(["sample", "--out", str(root / "gpu"), *common, "sample.num_actors=2", "sample.gpus_per_actor=1"])
+    _fails_with(capsys, ["sample", "--out", str(root / "gpu"), *common, "sample.num_actors=2",
+                         "sample.gpus_per_actor=1"],
+                2, "dpo-ray: config error: sample.gpus_per_actor: 2 x 1 GPU = 2 GPU, but the Ray cluster has 0")
     assert not (root / "gpu").exists()
+
+
+def test_user_errors_are_one_line_with_their_exit_code(chain, capsys, tmp_path):
+    root, common = chain
+    out = ["--out", str(tmp_path / "out")]
+    _fails_with(capsys, ["sample", *out, *common, "data.prompts=/nowhere/prompts.jsonl"],
+                3, "dpo-ray: input error: data.prompts: /nowhere/prompts.jsonl does not exist")
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"chosen": "The movie was great fun", "rejected": "The movie was awful"}) + "\n")
+    _fails_with(capsys, ["label", *out, *common, f"data.preferences={prefs}"],
+                3, f"dpo-ray: input error: {prefs}: row 1: field chosen: chosen has no 'Assistant:' turn")
+    completions = ["--completions", str(root / "s" / "completions")]
+    _fails_with(capsys, ["label", *completions, *out, *common, "label.labeler=reward_model",
+                         "label.reward_model=builtin:tiny-llama"],
+                4, "dpo-ray: model error: label.reward_model: builtin:tiny-llama has a 2-output head")
+    _fails_with(capsys, ["label", *completions, *out, *common, "label.min_margin=1000"],
+                3, "dpo-ray: input error: label: no preference pairs from 48 completions")
+    _fails_with(capsys, ["train", "--reference", str(root / "r"), *out, *common, "train.batch_size=1000",
+                         "train.micro_batch_size=2"],
+                2, "dpo-ray: config error: train.batch_size: 1000 is larger than the")
+    _fails_with(capsys, ["run", *common, "run.root=/proc/dpo-ray"],
+                5, "dpo-ray: storage error: run.root: cannot write to /proc/dpo-ray")
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_rows_end_early_naming_the_key(chain, capsys, tmp_path):
+    root, common = chain
+    out = ["--out", str(tmp_path / "out")]
+    empty, one = tmp_path / "empty.jsonl", tmp_path / "one.jsonl"
+    empty.write_text("")
+    one.write_text(json.dumps({"prompt": "Review Heat."}) + "\n")
+    _fails_with(capsys, ["sample", *out, *common, f"data.prompts={empty}"],
+                3, f"dpo-ray: input error: data.prompts: no usable prompt in {empty} (0 row(s) rejected)")
+    _fails_with(capsys, ["sample", *out, *common, f"data.prompts={one}"],
+                3, "dpo-ray: input error: data.num_eval_prompts: the 1 prompt in")
+    _fails_with(capsys, ["evaluate", "--prompts", "data/prompts/movie_reviews.jsonl", "--policy",
+                         str(root / "s"), *out, *common],
+                3, "dpo-ray: input error: --prompts: data/prompts/movie_reviews.jsonl is not the prompts.parquet")
+    _fails_with(capsys, ["run", *common, "data.num_eval_prompts=0"],
+                2, "dpo-ray: config error: data.num_eval_prompts: 0 leaves nothing to evaluate")
+    assert not (tmp_path / "out").exists()
 
 
 def test_stages_read_parquet_without_starting_footer_reader_actors(chain):

@@ -13,6 +13,7 @@ Outputs: `scored/` (schemas.SCORED, every completion with its reward) and `pairs
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,6 +25,7 @@ import torch
 
 from dpo_ray import schemas
 from dpo_ray.config import LabelConfig, PipelineConfig
+from dpo_ray.errors import InputError
 from dpo_ray.inputs import Reject, read_preferences, write_rejects
 from dpo_ray.models import ModelError, device_for, load_tokenizer, resolve_model, set_torch_threads
 from dpo_ray.pairs import PairStats, build_pairs
@@ -191,7 +193,8 @@ def run(cfg: PipelineConfig, completions_path: str, out_dir: str, sampled_by: st
         for name in _STAT_FIELDS:
             stats[name] += pc.sum(batch[f"stat_{name}"]).as_py() or 0
     if stats["pairs"] == 0:
-        raise RuntimeError(f"label: no preference pairs from {stats['completions']} completions ({json.dumps(stats)})")
+        raise InputError(f"label: no preference pairs from {stats['completions']} completions ({json.dumps(stats)}); "
+                         "sample more (sample.n, data.num_train_prompts) or lower label.min_margin")
     paired.filter(expr=col("pair_id").is_not_null()).select_columns(schemas.PAIRS.names).write_parquet(str(out / "pairs"))
     return stats
 
@@ -232,7 +235,8 @@ def import_preferences(cfg: PipelineConfig, out_dir: str) -> dict:
             "chosen_reward": None, "rejected_reward": None,
         })
     if not rows:
-        raise RuntimeError(f"label: no usable pairs in {data.preferences} ({len(rejects)} rejected)")
+        raise InputError(f"label: no usable pairs in {data.preferences}: all {len(rejects)} rows were rejected "
+                         "(data.on_bad_rows=error stops at the first, naming its row and field)")
     out = Path(out_dir)
     (out / "pairs").mkdir(parents=True)
     pq.write_table(schemas.rows_to_table(rows, schemas.PAIRS), out / "pairs" / "part-0.parquet")
@@ -242,9 +246,9 @@ def import_preferences(cfg: PipelineConfig, out_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dpo_ray.cli import stage_main
+    from dpo_ray.cli import main as cli_main
 
-    stage_main("label", argv)
+    cli_main(["label", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -181,9 +182,9 @@ def run(cfg: PipelineConfig, pairs_path: str, out_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dpo_ray.cli import stage_main
+    from dpo_ray.cli import main as cli_main
 
-    stage_main("reference", argv)
+    cli_main(["reference", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

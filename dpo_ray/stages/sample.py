@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,6 +27,7 @@ import torch
 
 from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
+from dpo_ray.errors import ConfigError, InputError
 from dpo_ray.inputs import read_prompts, write_rejects
 from dpo_ray.logprobs import pad_batch
 from dpo_ray.models import device_for, load_causal_lm, load_tokenizer, resolve_model, set_torch_threads
@@ -202,7 +204,7 @@ class VLLMSampler(_Sampler):
         try:
             from vllm import LLM, SamplingParams
         except ImportError:
-            raise RuntimeError("sample.backend=vllm needs vllm installed (pip install 'dpo-ray[vllm]')") from None
+            raise ConfigError("sample.backend: vllm needs vllm installed (pip install 'dpo-ray[vllm]')") from None
         self._sampling_params = SamplingParams
         tp = self.cfg.sample.tensor_parallel_size
         on_gpu = torch.cuda.is_available()
@@ -280,9 +282,17 @@ def prepare_prompts(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     data = cfg.data
     read = read_prompts(data.prompts, data.on_bad_rows)
     write_rejects(read.rejects, out_dir)
+    if not read.rows:
+        raise InputError(f"data.prompts: no usable prompt in {data.prompts} ({len(read.rejects)} row(s) rejected)")
     rows = sorted(read.rows, key=lambda r: r["id"])
     random.Random(cfg.run.seed).shuffle(rows)
     n_eval = min(data.num_eval_prompts, len(rows) // 2)
+    if data.num_eval_prompts and n_eval == 0:
+        raise InputError(f"data.num_eval_prompts: the {len(rows)} prompt in {data.prompts} cannot be split into "
+                         "train and held-out prompts; give at least 2")
+    if n_eval < data.num_eval_prompts:
+        print(f"[dpo-ray] sample: {len(rows)} prompts: {n_eval} held out for evaluation, not "
+              f"data.num_eval_prompts={data.num_eval_prompts} (at most half are held out)", flush=True)
     train = rows[n_eval:][: data.num_train_prompts]
     table = schemas.rows_to_table(
         [{"prompt_id": r["id"], "prompt": r["prompt"], "messages_json": r["messages_json"], "split": split}
@@ -295,7 +305,11 @@ def prepare_prompts(cfg: PipelineConfig, out_dir: str | Path) -> dict:
 
 
 def read_split(prompts_path: str | Path, split: str) -> ray.data.Dataset:
-    return ray.data.read_parquet(str(prompts_path)).filter(expr=col("split") == split)
+    path = Path(prompts_path)
+    if path.suffix != ".parquet" or not path.is_file() or "split" not in pq.read_schema(path).names:
+        raise InputError(f"--prompts: {path} is not the prompts.parquet a sample stage writes (with its train/eval "
+                         "split); give <sample output>/prompts.parquet")
+    return ray.data.read_parquet(str(path)).filter(expr=col("split") == split)
 
 
 def run(cfg: PipelineConfig, out_dir: str, model_spec: str | None = None) -> dict:
@@ -320,9 +334,9 @@ def run(cfg: PipelineConfig, out_dir: str, model_spec: str | None = None) -> dic
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dpo_ray.cli import stage_main
+    from dpo_ray.cli import main as cli_main
 
-    stage_main("sample", argv)
+    cli_main(["sample", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from dpo_ray.config import PipelineConfig, TrainConfig
+from dpo_ray.errors import ConfigError, TrainingError
 from dpo_ray.logprobs import SequenceScorer, shared_prompt_batch
 from dpo_ray.losses import DPOOutput, dpo_objective, reward_metrics
 from dpo_ray.models import load_causal_lm, load_tokenizer, set_torch_threads
@@ -34,7 +36,7 @@ from dpo_ray.models import load_causal_lm, load_tokenizer, set_torch_threads
 POLICY_DIR = "policy"
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(TrainingError):
     pass
 
 
@@ -335,7 +337,7 @@ def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, ml
                .sort(_ORDER_KEY).drop_columns([_ORDER_KEY]).materialize())
     pairs = ordered.count()
     if pairs < t.batch_size:
-        raise ValueError(f"train.batch_size: {t.batch_size} is larger than the {pairs} pairs available")
+        raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the {pairs} pairs available")
     steps_per_epoch, repeated = epoch_layout(pairs, t.batch_size)
     if repeated:
         # Every pair trains each epoch: the last batch is filled with the first pairs of the seeded order (as
@@ -401,9 +403,9 @@ def _worker_env(cfg: PipelineConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dpo_ray.cli import stage_main
+    from dpo_ray.cli import main as cli_main
 
-    stage_main("train", argv)
+    cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
