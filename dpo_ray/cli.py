@@ -67,7 +67,8 @@ def stage_main(stage: str, argv: list[str] | None = None) -> None:
         "evaluate": lambda tmp, run_id, key: evaluate.run(cfg, args.prompts, args.policy, str(tmp)),
     }
     # Keyed on the inputs' contents, as `dpo-ray run` keys its stages: a rerun after the input changed recomputes.
-    digest = {name: keys.source_digest(getattr(args, name), f"--{name}") for name in _STAGE_INPUTS[stage] if getattr(args, name)}
+    digest = {name: keys.source_digest(getattr(args, name), f"--{name}")
+              for name in _STAGE_INPUTS[stage] if getattr(args, name)}
     inputs = {
         "sample": lambda: keys.sample(cfg),
         "label": lambda: (keys.label(cfg, digest["completions"]) if args.completions
@@ -89,6 +90,11 @@ def script_main(command: str, default_config: Path = DEFAULT_CONFIG) -> None:
     if "--config" not in args:
         args = ["--config", str(default_config), *args]
     main([command, *args])
+
+
+def stage_entry(stage: str, argv: list[str] | None = None) -> None:
+    """`python -m dpo_ray.stages.<stage>`: the same command, errors reported the same way, as `dpo-ray <stage>`."""
+    main([stage, *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv: list[str] | None = None) -> None:

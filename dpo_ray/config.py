@@ -21,7 +21,6 @@ BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 BUILTIN_TINY = "builtin:tiny-llama"
 
 
-
 class _Section(BaseModel):
     # NaN or inf in a float (train.lr=nan, frontier.betas=[.inf]) can only fail later, mid-training.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

@@ -45,14 +45,14 @@ def _labeler_fingerprints(cfg: PipelineConfig) -> dict:
 
 
 def sample(cfg: PipelineConfig) -> dict:
-    return {**_policy(cfg), "prompts": source_digest(cfg.data.prompts, "data.prompts"), "data": cfg.data.model_dump(),
-            "sample": cfg.sample.model_dump()}
+    return {**_policy(cfg), "prompts": source_digest(cfg.data.prompts, "data.prompts"),
+            "data": cfg.data.model_dump(), "sample": cfg.sample.model_dump()}
 
 
 def import_preferences(cfg: PipelineConfig) -> dict:
     d = cfg.data
-    return {**_policy(cfg), "preferences": source_digest(d.preferences, "data.preferences"), "limits": _limits(cfg),
-            "on_bad_rows": d.on_bad_rows}
+    return {**_policy(cfg), "preferences": source_digest(d.preferences, "data.preferences"),
+            "limits": _limits(cfg), "on_bad_rows": d.on_bad_rows}
 
 
 def label(cfg: PipelineConfig, completions_digest: str) -> dict:
@@ -75,6 +75,7 @@ def evaluate(cfg: PipelineConfig, policy_digest: str, baseline: str, prompts_dig
     judge = cfg.evaluate.labeler or cfg.label.labeler
     return {"policy": policy_digest, "baseline": model_fingerprint(baseline), "prompts": prompts_digest,
             "seed": cfg.run.seed, "dtype": cfg.model.dtype, "limits": _limits(cfg),
-            "evaluate": cfg.evaluate.model_dump(), "sample": cfg.sample.model_dump(), "labeler": cfg.label.model_dump(),
+            "evaluate": cfg.evaluate.model_dump(), "sample": cfg.sample.model_dump(),
+            "labeler": cfg.label.model_dump(),
             "reward_model": model_fingerprint(cfg.label.reward_model) if judge == "reward_model" else None,
             "beta": cfg.train.beta}

@@ -24,7 +24,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-
 def cache_dir() -> Path:
     return Path(os.environ.get("DPO_RAY_CACHE", Path.home() / ".cache" / "dpo-ray")).resolve()
 

@@ -22,9 +22,9 @@ import ray
 import ray.data
 
 from dpo_ray import artifacts, keys
-from dpo_ray.errors import StorageError
-from dpo_ray.config import (ConfigError, PipelineConfig, build_config, check_resources, concurrent_trainings, merge,
+from dpo_ray.config import (PipelineConfig, build_config, check_resources, concurrent_trainings, merge,
                              round_config)
+from dpo_ray.errors import ConfigError, StorageError
 from dpo_ray.models import resolve_model
 from dpo_ray.stages import evaluate, label, reference, sample, train
 from dpo_ray.tracking import Tracker, numeric
@@ -106,8 +106,8 @@ def _disk_full_is_clear(stage: str, final: Path, tmp: Path):
         shutil.rmtree(tmp, ignore_errors=True)
         free_gb = shutil.disk_usage(final.parent).free / 2**30
         raise StorageError(errno.ENOSPC, f"{stage}: disk full while writing {final} ({free_gb:.2f} GiB free now); "
-                      "nothing was published and the partial output was removed; free space and rerun "
-                      "(finished stages are skipped)") from err
+                           "nothing was published and the partial output was removed; free space and rerun "
+                           "(finished stages are skipped)") from err
 
 
 class StageRunner:

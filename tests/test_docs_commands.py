@@ -42,8 +42,8 @@ def _small(block: str, run_name: str, *extra: str) -> str:
     """The block with the small config appended to the pipeline's command, nothing else changed (backslash line
     continuations are joined first, which the shell does too)."""
     joined = re.sub(r"\\\n\s*", " ", block)
-    return re.sub(r"^(.*pipelines/full\.py.*)$", lambda m: " ".join([m.group(1), SMALL, f"run.name={run_name}", *extra]),
-                  joined, count=1, flags=re.M)
+    extend = lambda m: " ".join([m.group(1), SMALL, f"run.name={run_name}", *extra])  # noqa: E731
+    return re.sub(r"^(.*pipelines/full\.py.*)$", extend, joined, count=1, flags=re.M)
 
 
 def _bash(script: str, timeout: int, **kwargs) -> subprocess.CompletedProcess:

@@ -14,7 +14,6 @@ Writes eval_samples.parquet, metrics.json, reward_vs_kl.png and examples.md.
 from __future__ import annotations
 
 import json
-import sys
 import math
 import statistics
 from collections import defaultdict
@@ -156,9 +155,9 @@ def run(cfg: PipelineConfig, prompts_path: str, policy_path: str, out_dir: str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dpo_ray.cli import main as cli_main
+    from dpo_ray.cli import stage_entry
 
-    cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
+    stage_entry("evaluate", argv)
 
 
 if __name__ == "__main__":

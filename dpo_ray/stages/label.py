@@ -13,7 +13,6 @@ Outputs: `scored/` (schemas.SCORED, every completion with its reward) and `pairs
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -193,8 +192,8 @@ def run(cfg: PipelineConfig, completions_path: str, out_dir: str, sampled_by: st
         for name in _STAT_FIELDS:
             stats[name] += pc.sum(batch[f"stat_{name}"]).as_py() or 0
     if stats["pairs"] == 0:
-        raise InputError(f"label: no preference pairs from {stats['completions']} completions ({json.dumps(stats)}); "
-                         "sample more (sample.n, data.num_train_prompts) or lower label.min_margin")
+        raise InputError(f"label: no preference pairs from {stats['completions']} completions "
+                         f"({json.dumps(stats)}); sample more (sample.n, data.num_train_prompts) or lower label.min_margin")
     paired.filter(expr=col("pair_id").is_not_null()).select_columns(schemas.PAIRS.names).write_parquet(str(out / "pairs"))
     return stats
 
@@ -246,9 +245,9 @@ def import_preferences(cfg: PipelineConfig, out_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dpo_ray.cli import main as cli_main
+    from dpo_ray.cli import stage_entry
 
-    cli_main(["label", *(sys.argv[1:] if argv is None else argv)])
+    stage_entry("label", argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import ctypes
 import hashlib
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -182,9 +181,9 @@ def run(cfg: PipelineConfig, pairs_path: str, out_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dpo_ray.cli import main as cli_main
+    from dpo_ray.cli import stage_entry
 
-    cli_main(["reference", *(sys.argv[1:] if argv is None else argv)])
+    stage_entry("reference", argv)
 
 
 if __name__ == "__main__":

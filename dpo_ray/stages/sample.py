@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -334,9 +333,9 @@ def run(cfg: PipelineConfig, out_dir: str, model_spec: str | None = None) -> dic
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dpo_ray.cli import main as cli_main
+    from dpo_ray.cli import stage_entry
 
-    cli_main(["sample", *(sys.argv[1:] if argv is None else argv)])
+    stage_entry("sample", argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import tempfile
-import sys
 import time
 from pathlib import Path
 
@@ -382,8 +381,9 @@ def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, ml
     # Per-step values are already in MLflow under their own names; the stage summary keeps the last step's.
     final = {f"final/{k}": v for k, v in result.metrics.items()
              if isinstance(v, (int, float)) and k not in ("step", "nonfinite_steps")}
-    return {**final, "pairs": pairs, "pairs_repeated_per_epoch": repeated, "steps": state["step"], "nonfinite_steps": state["nonfinite_steps"],
-            "tokens": state["tokens"], "resumed_from": state["resumed_from"]}
+    return {**final, "pairs": pairs, "pairs_repeated_per_epoch": repeated, "steps": state["step"],
+            "nonfinite_steps": state["nonfinite_steps"], "tokens": state["tokens"],
+            "resumed_from": state["resumed_from"]}
 
 
 def _worker_env(cfg: PipelineConfig) -> dict:
@@ -403,9 +403,9 @@ def _worker_env(cfg: PipelineConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dpo_ray.cli import main as cli_main
+    from dpo_ray.cli import stage_entry
 
-    cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    stage_entry("train", argv)
 
 
 if __name__ == "__main__":
