@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,6 +66,21 @@ def no_ray_in_this_process():
 
 
 @pytest.fixture()
+def default_agent_port_taken():
+    """Ray's default dashboard agent port held by someone else, as another Ray instance or an outgoing connection
+    (52365 is in Linux's ephemeral range) may hold it: the README's block must not depend on it being free. A
+    fresh-clone `make test` once failed this way ("No available agent to submit job")."""
+    holder = socket.socket()
+    try:
+        holder.bind(("0.0.0.0", 52365))
+        holder.listen()
+    except OSError:
+        pass  # already taken, which is the case under test
+    yield
+    holder.close()
+
+
+@pytest.fixture()
 def run_name():
     name = f"docs-{uuid.uuid4().hex[:8]}"
     yield name
@@ -82,7 +98,7 @@ def test_every_block_is_run_or_says_why_not():
             assert any(start in block["text"] for start in covered), f"{where}: no test runs this block"
 
 
-def test_readme_ray_job_then_mlflow_ui(no_ray_in_this_process, run_name):
+def test_readme_ray_job_then_mlflow_ui(no_ray_in_this_process, default_agent_port_taken, run_name):
     proc = _bash(_small(_block("ray start --head"), run_name), timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in proc.stdout + proc.stderr

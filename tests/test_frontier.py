@@ -35,8 +35,10 @@ def test_frontier_trains_each_variant_on_the_same_reference(tmp_path):
 
     # Two CPUs, one single-CPU worker per variant: both Ray Train runs were in flight at the same time.
     assert "training 2 variants, 2 at a time" in proc.stdout
-    train_lines = [line for line in proc.stdout.splitlines() if line.startswith("[dpo-ray] train: ")]
-    assert [line.split(":")[1].split()[0] for line in train_lines] == ["running", "running", "done", "done"]
+    # Status lines only: a stage may also print notes of its own under its name.
+    train_states = [line.split(":")[1].split()[0] for line in proc.stdout.splitlines()
+                    if line.startswith("[dpo-ray] train: ")]
+    assert [state for state in train_states if state in ("running", "done")] == ["running", "running", "done", "done"]
 
     import mlflow
 

@@ -14,7 +14,7 @@ from conftest import make_tiny_llama
 from dpo_ray.config import load_config
 from dpo_ray.models import ModelError, load_causal_lm, resolve_model
 from dpo_ray.stages import reference
-from dpo_ray.stages.label import check_reward_model
+from dpo_ray.stages.label import check_labeler
 from dpo_ray.stages.train import _worker_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,12 +62,14 @@ def test_reward_model_with_a_two_class_head_fails_before_any_actor(tmp_path):
     config = make_tiny_llama().config
     config.num_labels = 2
     config.save_pretrained(tmp_path)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"label.reward_model={tmp_path}"])
     with pytest.raises(ModelError, match=r"^label\.reward_model: .* has a 2-output head; a reward model needs a "
                                          r"single-score head \(num_labels=1\)$"):
-        check_reward_model(str(tmp_path), trust_remote_code=False)
+        check_labeler(cfg, "reward_model")
+    check_labeler(cfg, "sentiment")  # only a reward model is loaded to be checked
     config.num_labels = 1
     config.save_pretrained(tmp_path)
-    check_reward_model(str(tmp_path), trust_remote_code=False)
+    check_labeler(cfg, "reward_model")
 
 
 def test_train_workers_cap_glibc_arenas_unless_the_driver_sets_it(monkeypatch):

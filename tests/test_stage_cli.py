@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import ray
+import ray.data
 
 from dpo_ray import schemas
 from dpo_ray.artifacts import read_manifest
@@ -23,7 +24,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
+    # The env var reaches the Ray Data workers; this process read it when ray.data was imported, so its own
+    # context is set too (the one-line error checks read this process's stderr).
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    ray.data.DataContext.get_current().enable_progress_bars = False
     root = tmp_path_factory.mktemp("cli")
     common = ["--config", "configs/tiny.yaml", f"run.root={root}", "data.num_train_prompts=12"]
     if not ray.is_initialized():

@@ -24,7 +24,7 @@ import pyarrow as pa
 from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.pairs import build_pairs
-from dpo_ray.stages.label import add_rewards
+from dpo_ray.stages.label import add_rewards, check_labeler
 from dpo_ray.stages.reference import completion_logps_column
 from dpo_ray.stages.sample import read_split, sample_dataset
 
@@ -118,6 +118,7 @@ def run(cfg: PipelineConfig, prompts_path: str, policy_path: str, out_dir: str, 
     e, s = cfg.evaluate, cfg.sample
     reference = baseline or cfg.reference_model
     max_new = e.max_new_tokens or s.max_new_tokens
+    check_labeler(cfg, e.labeler or cfg.label.labeler)
     eval_prompts = read_split(prompts_path, "eval")
     # Each model-holding step is materialized before the next starts, so a small node never has to fit
     # every actor pool at once. Where the sampler's log-prob is exact, each model scores only the other's samples.

@@ -79,12 +79,15 @@ class RewardModelScorer:
         return batch.append_column(self.column, pa.array(scores, pa.float64()))
 
 
-def check_reward_model(path: str, trust_remote_code: bool) -> None:
-    """Fail in the driver when the stage starts, not in an actor later: a missing folder or a head that does not
-    give one score per sequence (a 2-class sentiment classifier, say) is a config error."""
+def check_labeler(cfg: PipelineConfig, labeler: str | None) -> None:
+    """Fail in the driver before a stage reads or generates anything, not in an actor later: a missing reward
+    model folder or a head that does not give one score per sequence (a 2-class sentiment classifier, say)."""
+    if labeler != "reward_model":
+        return
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(resolve_model(path), trust_remote_code=trust_remote_code)
+    path = cfg.label.reward_model
+    config = AutoConfig.from_pretrained(resolve_model(path), trust_remote_code=cfg.model.trust_remote_code)
     if config.num_labels != 1:
         raise ModelError(f"label.reward_model: {path} has a {config.num_labels}-output head; a reward model "
                          "needs a single-score head (num_labels=1)")
@@ -104,7 +107,6 @@ def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, labeler: str | None =
                               batch_size=lab.batch_size,
                               compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
     if labeler == "reward_model":
-        check_reward_model(lab.reward_model, cfg.model.trust_remote_code)
         return ds.map_batches(
             RewardModelScorer,
             fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "path": lab.reward_model, "column": column},
@@ -169,6 +171,8 @@ def _no_filter_reward(batch: pa.Table) -> pa.Table:
 def run(cfg: PipelineConfig, completions_path: str, out_dir: str, sampled_by: str | None = None) -> dict:
     """Score completions and pair them; `sampled_by` names the model that sampled them, when the caller knows."""
     out = Path(out_dir)
+    check_labeler(cfg, cfg.label.labeler)
+    check_labeler(cfg, cfg.label.filter_labeler)
     scored = add_rewards(ray.data.read_parquet(completions_path), cfg, sampled_by=sampled_by)
     if cfg.label.filter_labeler:
         # Materialized first, so only one scorer's actor pool holds CPUs at a time: two pools in one streaming
