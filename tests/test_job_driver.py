@@ -13,6 +13,8 @@ from dpo_ray.pipeline import _FORWARDED_ENV, check_run_root, forwarded_env
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+# The KubeRay job's runtime env, as the operator hands it to `ray job submit`.
+RAYJOB = yaml.safe_load(yaml.safe_load((REPO / "cluster" / "rayjob.yaml").read_text())["spec"]["runtimeEnvYAML"])
 
 
 def _job_driver_environ(runtime_env: dict) -> dict:
@@ -22,13 +24,17 @@ def _job_driver_environ(runtime_env: dict) -> dict:
             "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": uploaded, "metadata": {}})}
 
 
-def test_the_shipped_runtime_env_merges_with_what_the_driver_forwards():
-    environ = _job_driver_environ(SHIPPED)
-    assert set(SHIPPED["env_vars"]) & set(_FORWARDED_ENV)  # the conflict this guards against is real
+@pytest.mark.parametrize("shipped", [SHIPPED, RAYJOB], ids=["runtime_env.yaml", "rayjob.yaml"])
+def test_the_shipped_runtime_env_merges_with_what_the_driver_forwards(shipped):
+    environ = _job_driver_environ(shipped)
+    # On a launcher cluster each node's `ray start` sets the tracking URI (gpu-cluster.yaml): the driver has it too.
+    environ.setdefault("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
+    assert set(shipped["env_vars"]) & set(_FORWARDED_ENV)  # the conflict this guards against is real
     driver = {"env_vars": forwarded_env(environ)}
     merged = _merge_runtime_env(json.loads(environ["RAY_JOB_CONFIG_JSON_ENV_VAR"])["runtime_env"], driver)
     assert merged is not None, "Ray would refuse: Failed to merge the Job's runtime env"
-    assert merged["env_vars"] == {**SHIPPED["env_vars"], "HF_HUB_OFFLINE": "1"}
+    assert merged["env_vars"] == {"MLFLOW_TRACKING_URI": "http://10.0.0.1:5000", **shipped["env_vars"],
+                                  "HF_HUB_OFFLINE": "1"}
 
 
 def test_outside_a_job_every_forwarded_variable_goes_to_the_workers():
