@@ -15,10 +15,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from conftest import isolated_env, make_reference_parquet
 
 from dpo_ray.artifacts import read_manifest
 from dpo_ray.config import load_config
+from dpo_ray.models import resolve_model
 from dpo_ray.pipeline import init_ray
 from dpo_ray.stages import train
 
@@ -57,6 +59,19 @@ def test_two_workers_train_and_save_policy(reference_dir, tmp_path, overrides):
 
     model = AutoModelForCausalLM.from_pretrained(out / "policy")
     assert model.config.num_hidden_layers == 2
+    if "train.strategy=deepspeed" in overrides:
+        # The saved policy is the trained one: equal to the weights in DeepSpeed's own sharded checkpoint of the
+        # last step, consolidated offline (for ZeRO-3 the save gathers layer by layer, not the whole model at once).
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        (last,) = sorted(p for p in (cfg.run_dir / "ray_train").glob("train-*/checkpoint_*") if p.is_dir())[-1:]
+        trained = get_fp32_state_dict_from_zero_checkpoint(str(last / "deepspeed"), tag="state")
+        saved = model.state_dict()
+        assert {k.removeprefix("lm.") for k in trained} <= set(saved)
+        for key, value in trained.items():
+            torch.testing.assert_close(saved[key.removeprefix("lm.")], value, rtol=0, atol=0, msg=key)
+        untrained = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model.policy))
+        assert any(not torch.equal(untrained.state_dict()[k], saved[k]) for k in saved)
 
 
 def test_same_pairs_in_another_file_layout_train_the_same_policy_bit_for_bit(reference_dir, tmp_path):

@@ -187,14 +187,19 @@ class _DeepSpeed:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, path: Path, rank: int, tokenizer) -> None:
-        import deepspeed
-
         self.model.save_checkpoint(str(path / "deepspeed"), tag="state")
-        params = list(self.raw.parameters())
-        with deepspeed.zero.GatheredParameters(params, enabled=self.t.zero_stage == 3):
+        state_dict = None
+        if self.t.zero_stage == 3:
+            # Every rank takes part; rank 0 gets the full weights on its CPU, gathered one module at a time, so
+            # no GPU ever holds more than one layer beyond its shard (gathering the whole model at once would put
+            # all of a 70B model on every GPU). The same consolidation as DeepSpeed's save_16bit_model, which
+            # can only write a pickled .bin; HF accelerate calls it the same way.
+            state_dict = self.model._zero3_consolidated_16bit_state_dict()
             if rank == 0:
-                self.raw.save_pretrained(path / POLICY_DIR, safe_serialization=True)
-                tokenizer.save_pretrained(path / POLICY_DIR)
+                state_dict = {k.removeprefix("lm."): v for k, v in state_dict.items()}
+        if rank == 0:
+            self.raw.save_pretrained(path / POLICY_DIR, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(path / POLICY_DIR)
 
     def load(self, path: Path) -> None:
         self.model.load_checkpoint(str(path / "deepspeed"), tag="state")
