@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpo_ray.logprobs import shared_prompt_batch, shared_prompt_logps
-from dpo_ray.stages.sample import _filter_top_p, draw_tokens, sample_seed, sample_tokens
+from dpo_ray.sampling import draw_tokens, filter_top_p, sample_seed, sample_tokens
 
 from conftest import PAD_ID
 
@@ -33,7 +33,7 @@ def logits_of(probs):
 )
 def test_top_p_keeps_smallest_set_reaching_mass(top_p, kept):
     logits = logits_of([[0.05, 0.45, 0.3, 0.2]])
-    out = _filter_top_p(logits, top_p)
+    out = filter_top_p(logits, top_p)
     survivors = {i for i in range(4) if math.isfinite(out[0, i].item())}
     assert survivors == kept
     for i in kept:  # survivors keep their logits unchanged
@@ -42,19 +42,19 @@ def test_top_p_keeps_smallest_set_reaching_mass(top_p, kept):
 
 def test_top_p_per_row():
     logits = logits_of([[0.05, 0.45, 0.3, 0.2], [0.6, 0.1, 0.1, 0.2]])
-    out = _filter_top_p(logits, 0.7)
+    out = filter_top_p(logits, 0.7)
     assert torch.isfinite(out).tolist() == [[False, True, True, False], [True, False, False, True]]
 
 
 def test_top_p_one_is_identity():
     torch.manual_seed(0)
     logits = torch.randn(3, 11)
-    assert torch.equal(_filter_top_p(logits, 1.0), logits)
+    assert torch.equal(filter_top_p(logits, 1.0), logits)
 
 
 def test_top_p_first_token_always_survives():
     logits = logits_of([[0.25, 0.25, 0.25, 0.25]])
-    out = _filter_top_p(logits, 1e-9)
+    out = filter_top_p(logits, 1e-9)
     assert torch.isfinite(out).sum().item() == 1
 
 

@@ -1,0 +1,199 @@
+"""The compute cores on a GPU, without Ray: the check to run on the GPU machine we can borrow.
+
+    python benchmarks/gpu_check.py --out gpu_check.json            # on the GPU machine (about a minute)
+    python benchmarks/gpu_check.py --device cpu --layers 2 --small  # what tests/test_gpu_check.py runs
+
+That machine has torch and transformers but cannot hold Ray, vLLM or model weights (../shared/FIELD_NOTES.md), so
+this imports only the Ray-free cores (dpo_ray.sampling, dpo_ray.logprobs, dpo_ray.losses) and builds a model with
+SmolLM2-135M-Instruct's architecture and random weights. In bf16 on the device, against the same work in fp32 on
+the CPU:
+
+1. scorer: `shared_prompt_logps` on chosen/rejected pairs; per-sequence log-prob sums within bf16 tolerance;
+2. sampler: `sample_tokens` runs on the device; its summed log-probs agree with the scorer's rescoring of the
+   sampled tokens on the device;
+3. train step: `SequenceScorer` + `dpo_objective` + AdamW, as a training worker runs it; loss and gradient norm of
+   the first step match the CPU step, and a few steps lower the loss;
+
+and writes a JSON with the device, versions, each check's numbers and throughput. Exit code 1 if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dpo_ray.logprobs import SequenceScorer, shared_prompt_batch, shared_prompt_logps  # noqa: E402
+from dpo_ray.losses import dpo_objective  # noqa: E402
+from dpo_ray.sampling import sample_seed, sample_tokens  # noqa: E402
+
+# SmolLM2-135M-Instruct's config.json (the embedded default's architecture); tests/test_gpu_check.py checks it
+# against the converted model in the cache.
+SMOLLM2_135M = {
+    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+    "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5, "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+    "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+}
+PAD, EOS = 2, 2
+# Summed log-probs of bf16 against fp32: bf16 keeps 8 bits of mantissa, so each token's log-prob is off by up to
+# ~0.4% and a sequence's sum by about that fraction (measured on CPU: 0.1-0.3%); 2% leaves room for GPU kernels.
+LOGP_RTOL = 0.02
+GRAD_RTOL = 0.1
+
+
+def build_model(layers: int, dtype: torch.dtype, device: str, seed: int = 0) -> torch.nn.Module:
+    config = transformers.LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": layers})
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    return model.to(dtype=dtype, device=device)
+
+
+def random_pairs(count: int, prompt_len: int, completion_len: int, seed: int) -> tuple[list, list]:
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, SMOLLM2_135M["vocab_size"], (n,), generator=g).tolist()  # noqa: E731
+    prompts = [ids(prompt_len - i % 4) for i in range(count)]
+    completions = [[ids(completion_len - i % 5), ids(completion_len - i % 3)] for i in range(count)]
+    return prompts, completions
+
+
+def on_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.double().cpu() - b.double().cpu()).abs() / b.double().cpu().abs().clamp(min=1e-6)).max())
+
+
+def timed(fn, device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def check_scorer(args, reference_cpu, model) -> dict:
+    prompts, completions = random_pairs(args.pairs, args.prompt_len, args.completion_len, seed=1)
+    batch = shared_prompt_batch(prompts, completions, PAD)
+    with torch.inference_mode():
+        expected, _ = shared_prompt_logps(reference_cpu, **batch)
+        shared_prompt_logps(model, **on_device(batch, args.device))  # warm-up (kernels, allocator)
+        (got, counts), seconds = timed(lambda: shared_prompt_logps(model, **on_device(batch, args.device)),
+                                       args.device)
+    error = relative_error(got, expected)
+    return {"ok": got.device.type == args.device and error <= LOGP_RTOL, "ran_on": got.device.type,
+            "max_relative_error": error, "tolerance": LOGP_RTOL, "sequences": len(got),
+            "tokens_per_s": float(counts.sum()) / seconds}
+
+
+def check_sampler(args, model) -> dict:
+    prompts, _ = random_pairs(args.prompts, args.prompt_len, 1, seed=2)
+    seeds = [sample_seed(0, str(i), j) for i in range(len(prompts)) for j in range(args.n)]
+    run = lambda: sample_tokens(model, prompts, seeds, args.n, args.new_tokens, 1.0, 1.0, {EOS}, PAD)  # noqa: E731
+    run()  # warm-up
+    samples, seconds = timed(run, args.device)
+    # The sampler's own log-prob of each sampled sequence against a rescoring by the scorer, on the device.
+    groups = [[s[0] for s in samples[i * args.n:(i + 1) * args.n]] for i in range(len(prompts))]
+    batch = on_device(shared_prompt_batch(prompts, groups, PAD), args.device)
+    with torch.inference_mode():
+        rescored, counts = shared_prompt_logps(model, **batch)
+    error = relative_error(torch.tensor([s[1] for s in samples]), rescored)
+    return {"ok": rescored.device.type == args.device and error <= LOGP_RTOL, "ran_on": rescored.device.type,
+            "max_relative_error_vs_rescoring": error, "tolerance": LOGP_RTOL, "sequences": len(samples),
+            "new_tokens_per_s": float(counts.sum()) / seconds}
+
+
+def train_steps(model, batch: dict, reference: tuple, steps: int, lr: float) -> tuple[list[float], float, float]:
+    """DPO steps as a training worker takes them; (losses, first step's grad norm, seconds per later step)."""
+    scorer = SequenceScorer(model).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses, first_norm, seconds = [], None, []
+    device = next(model.parameters()).device.type
+    for _ in range(steps):
+        def step():
+            logps, counts = scorer(**batch)
+            out = dpo_objective(logps[0::2], logps[1::2], reference[0], reference[1], counts[0::2], beta=0.1)
+            out.loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return out.loss.item(), norm.item()
+        (loss, norm), took = timed(step, device)
+        losses.append(loss)
+        first_norm = norm if first_norm is None else first_norm
+        seconds.append(took)
+    return losses, first_norm, sum(seconds[1:]) / max(1, len(seconds) - 1)
+
+
+def check_train_step(args, dtype) -> dict:
+    prompts, completions = random_pairs(args.train_pairs, args.prompt_len, args.completion_len, seed=3)
+    batch = shared_prompt_batch(prompts, completions, PAD)
+    # Reference log-probs offset from the initial policy's, so the first loss is not exactly log 2.
+    with torch.inference_mode():
+        initial, _ = shared_prompt_logps(build_model(args.layers, torch.float32, "cpu"), **batch)
+    offsets = torch.linspace(-2.0, 2.0, len(prompts))
+    reference = (initial[0::2] + offsets, initial[1::2] - offsets)
+    cpu_losses, cpu_norm, _ = train_steps(build_model(args.layers, torch.float32, "cpu"), batch, reference, 1,
+                                          args.lr)
+    model = build_model(args.layers, dtype, args.device)
+    losses, norm, step_seconds = train_steps(model, on_device(batch, args.device),
+                                             tuple(r.to(args.device) for r in reference), args.steps, args.lr)
+    loss_error = abs(losses[0] - cpu_losses[0]) / abs(cpu_losses[0])
+    norm_error = abs(norm - cpu_norm) / cpu_norm
+    ran_on = next(model.parameters()).device.type
+    return {"ok": ran_on == args.device and loss_error <= LOGP_RTOL and norm_error <= GRAD_RTOL
+            and losses[-1] < losses[0], "ran_on": ran_on, "losses": losses, "cpu_fp32_first_loss": cpu_losses[0],
+            "first_loss_relative_error": loss_error, "grad_norm": norm, "cpu_fp32_grad_norm": cpu_norm,
+            "grad_norm_relative_error": norm_error, "tolerances": [LOGP_RTOL, GRAD_RTOL],
+            "pairs_per_step": len(prompts), "seconds_per_step": step_seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"])
+    p.add_argument("--small", action="store_true", help="short sequences and few rows (a CPU smoke run)")
+    p.add_argument("--out", default="gpu_check.json")
+    args = p.parse_args(argv)
+    scale = 1 if args.small else 8
+    args.pairs, args.prompts, args.train_pairs, args.n = 4 * scale, 2 * scale, 2 * scale, 4
+    args.prompt_len, args.completion_len, args.new_tokens = (16, 12, 8) if args.small else (64, 128, 128)
+    args.steps, args.lr = 4, 1e-3
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: torch sees no CUDA device; use --device cpu for a CPU run", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    started = time.time()
+    reference_cpu = build_model(args.layers, torch.float32, "cpu").eval()
+    model = build_model(args.layers, dtype, args.device).eval()
+    checks = {"scorer": check_scorer(args, reference_cpu, model), "sampler": check_sampler(args, model)}
+    del model, reference_cpu
+    checks["train_step"] = check_train_step(args, dtype)
+    report = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "dtype": args.dtype, "layers": args.layers, "small": args.small, "torch": torch.__version__,
+        "transformers": transformers.__version__, "seconds": time.time() - started,
+        "ok": all(c["ok"] for c in checks.values()), "checks": checks,
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    for name, c in checks.items():
+        print(f"{name:10s} {'ok' if c['ok'] else 'FAILED'}  " + json.dumps({k: v for k, v in c.items() if k != "ok"}))
+    print(f"wrote {args.out} in {report['seconds']:.0f}s")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
