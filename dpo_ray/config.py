@@ -33,6 +33,11 @@ class RunConfig(_Section):
     experiment: str = "dpo-ray"
     # None: $MLFLOW_TRACKING_URI if set, else sqlite:///<root>/mlflow.db (absolute path).
     tracking_uri: str | None = None
+    # Log each trained policy to its train stage's MLflow run as a transformers model (a copy of the weights in
+    # the artifact store: <root>/mlartifacts locally, the server's store otherwise).
+    log_model: bool = True
+    # With a name, each logged policy is also a new version of this registered model.
+    registered_model: str | None = None
     # None: join $RAY_ADDRESS or a running cluster if any, else start a local one.
     ray_address: str | None = None
     # CPU threads per torch process (model actors, training workers); 0: all cores of the node. Set it when

@@ -132,7 +132,7 @@ class StageRunner:
         started = time.time()
         with _disk_full_is_clear(name, final, tmp):
             if self.tracker:
-                with self.tracker.stage(name) as run_id:
+                with self.tracker.stage(name, inputs) as run_id:
                     stats = fn(tmp, run_id, key)
                     manifest = self._manifest(name, key, inputs, stats, started)
                     self.tracker.log_stage({**stats, "seconds": manifest["seconds"]}, tmp)

@@ -1,7 +1,10 @@
 """MLflow: one parent run per pipeline run (reused on rerun), a nested run per stage.
 
-The tracking store defaults to sqlite under the runs root; $MLFLOW_TRACKING_URI or run.tracking_uri override
-it. Logged params are the flattened, resolved config with secret-looking names redacted.
+The tracking store defaults to sqlite under the runs root, with artifacts beside it in <root>/mlartifacts;
+$MLFLOW_TRACKING_URI or run.tracking_uri override it. Logged params are the flattened, resolved config with
+secret-looking names redacted, on the parent when it is created; a stage run's params are the inputs its
+manifest key hashes (its config sections, upstream digests), so a stage rerun after a config change shows the
+values it ran with. MLflow never lets a run's param change value: a rerun tags the parent with what changed.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ RUN_KEY_TAG = "dpo_ray.run_dir_key"
 _SECRET_WORDS = {"token", "secret", "password", "passwd", "pwd", "credential", "credentials", "apikey"}
 _SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("auth", "token")}
 REDACTED = "***"
+# Opens the experiment in the UI's model-training view instead of the GenAI one (MLflow 3's experiment kinds).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+CHANGED_PARAMS_TAG = "dpo_ray.params_changed_since_first_run"
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -71,7 +77,27 @@ class Tracker:
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(cfg.run.experiment)
+        self._open_experiment()
+        self.params = {k: str(v)[:500] for k, v in flatten(redact(cfg.model_dump(mode="json"))).items()}
+
+    def _open_experiment(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        name = self.cfg.run.experiment
+        experiment = self.mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            # A local store keeps its artifacts under the run root; MLflow's default is ./mlruns of whatever
+            # directory the driver happens to run in. A tracking server decides for itself.
+            local = self.uri.startswith("sqlite:") or "://" not in self.uri
+            location = (Path(self.cfg.run.root).resolve() / "mlartifacts").as_uri() if local else None
+            try:
+                self.mlflow.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+            except MlflowException:
+                pass  # created by another driver meanwhile
+            experiment = self.mlflow.get_experiment_by_name(name)
+        if experiment.tags.get(EXPERIMENT_KIND[0]) is None:
+            self.mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+        self.mlflow.set_experiment(experiment_id=experiment.experiment_id)
 
     def _existing_parent(self) -> str | None:
         found = self.mlflow.search_runs(
@@ -90,17 +116,21 @@ class Tracker:
         with self.mlflow.start_run(run_id=run_id, run_name=None if run_id else self.cfg.run.name) as run:
             if run_id is None:
                 self.mlflow.set_tags({RUN_DIR_TAG: str(self.cfg.run_dir), RUN_KEY_TAG: self._run_key()})
-                params = flatten(redact(self.cfg.model_dump(mode="json")))
-                self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+                self.mlflow.log_params(self.params)
+            else:
+                first = run.data.params
+                changed = sorted(k for k, v in self.params.items() if first.get(k) != v)
+                self.mlflow.set_tag(CHANGED_PARAMS_TAG, ", ".join(changed)[:5000] or "none")
             self.mlflow.log_text(yaml.safe_dump(redact(self.cfg.model_dump(mode="json")), sort_keys=False),
                                  "config.yaml")
             yield run
 
     @contextmanager
-    def stage(self, name: str):
-        """A run for one stage execution, nested under the active run (the pipeline's or its round's)."""
+    def stage(self, name: str, inputs: dict):
+        """A run for one stage execution, nested under the active run (the pipeline's, its round's or variant's)."""
         with self.mlflow.start_run(run_name=name, nested=self.mlflow.active_run() is not None) as run:
             self.mlflow.set_tag("dpo_ray.stage", name)
+            self.mlflow.log_params({k: str(v)[:500] for k, v in flatten(redact(inputs)).items()})
             yield run.info.run_id
 
     @contextmanager
@@ -121,6 +151,19 @@ class Tracker:
         for path in sorted(folder.iterdir()):
             if path.is_file() and path.suffix in (".json", ".png", ".md", ".yaml"):
                 self.mlflow.log_artifact(str(path))
+            elif path.is_dir() and (path / "config.json").is_file() and self.cfg.run.log_model:
+                self.log_model(path)
+
+    def log_model(self, folder: Path) -> None:
+        """A trained model folder as a transformers model of the active run (listed under the run in the UI)."""
+        import torch
+        import transformers
+
+        # Given explicitly: MLflow's own inference imports torchvision, which this environment does not have.
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
+        self.mlflow.transformers.log_model(
+            transformers_model=str(folder), name=folder.name, task="text-generation",
+            registered_model_name=self.cfg.run.registered_model, pip_requirements=requirements)
 
     def log_skip(self, name: str) -> None:
         if self.mlflow.active_run():

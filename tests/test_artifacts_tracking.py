@@ -197,3 +197,72 @@ def test_parent_run_is_found_again_for_a_run_root_with_quotes(tmp_path, monkeypa
         with Tracker(c).parent() as run:
             ids.append(run.info.run_id)
     assert ids[0] == ids[2] != ids[1]
+
+
+def test_local_store_keeps_artifacts_under_the_run_root_in_the_model_training_view(tmp_path, monkeypatch):
+    import mlflow
+
+    from dpo_ray.config import load_config
+    from dpo_ray.tracking import EXPERIMENT_KIND, Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # MLflow's own default would be ./mlruns here
+    root = tmp_path / "runs"
+    cfg = load_config(None, [f"run.root={root}"])
+    tracker = Tracker(cfg)
+    experiment = mlflow.get_experiment_by_name(cfg.run.experiment)
+    assert experiment.artifact_location == (root / "mlartifacts").as_uri()
+    assert experiment.tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]
+    with tracker.parent():
+        with tracker.stage("evaluate", {"evaluate": {"samples_per_prompt": 2}}):
+            (tmp_path / "metrics.json").write_text("{}")
+            mlflow.log_artifact(str(tmp_path / "metrics.json"))
+    assert len(list((root / "mlartifacts").rglob("metrics.json"))) == 1
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_trained_policy_is_logged_as_a_registered_transformers_model(tmp_path, monkeypatch):
+    import shutil
+
+    import mlflow
+
+    from dpo_ray.config import load_config
+    from dpo_ray.models import resolve_model
+    from dpo_ray.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.registered_model=dpo-policy"])
+    stage = tmp_path / "train"
+    shutil.copytree(resolve_model("builtin:tiny-llama"), stage / "policy")
+    (stage / "train_summary.json").write_text("{}")
+    tracker = Tracker(cfg)
+    with tracker.parent():
+        with tracker.stage("train", {"train": {"beta": 0.1}}) as run_id:
+            tracker.log_stage({"steps": 3}, stage)
+    (model,) = mlflow.search_logged_models(output_format="list")
+    assert (model.source_run_id, model.name) == (run_id, "policy")
+    (version,) = mlflow.MlflowClient().search_model_versions("name = 'dpo-policy'")
+    assert version.run_id == run_id
+    loaded = Path(mlflow.artifacts.download_artifacts(f"{model.model_uri}", dst_path=str(tmp_path / "back")))
+    assert (loaded / "model" / "model.safetensors").read_bytes() == (stage / "policy" / "model.safetensors").read_bytes()
+
+
+def test_stage_runs_carry_their_inputs_and_a_rerun_tags_what_changed(tmp_path, monkeypatch):
+    import mlflow
+
+    from dpo_ray.config import load_config
+    from dpo_ray.tracking import CHANGED_PARAMS_TAG, Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = load_config(None, [f"run.root={tmp_path}", "run.log_model=false"])
+    changed = load_config(None, [f"run.root={tmp_path}", "run.log_model=false", "train.beta=0.25"])
+    for cfg in (first, changed):
+        tracker = Tracker(cfg)
+        with tracker.parent() as parent:
+            with tracker.stage("train", {"train": cfg.train.model_dump(), "reference": "abc"}) as run_id:
+                pass
+        stage_params = mlflow.get_run(run_id).data.params
+        assert stage_params["train.beta"] == str(cfg.train.beta) and stage_params["reference"] == "abc"
+    parent = mlflow.get_run(parent.info.run_id).data
+    assert parent.params["train.beta"] == "0.1"  # MLflow keeps a param's first value
+    assert parent.tags[CHANGED_PARAMS_TAG] == "train.beta"

@@ -125,6 +125,11 @@ def test_mlflow_parent_and_stage_runs(tiny_run):
         assert key in train_run.data.metrics, key
     steps = client.get_metric_history(train_run.info.run_id, "loss")
     assert len(steps) == read_manifest(run_dir / "train")["stats"]["steps"] >= 2
+    assert train_run.data.params["train.beta"] == "0.1"  # the stage's own inputs
+    # The trained policy, as a model of the train run, stored under the run root.
+    models = client.search_logged_models([train_run.info.experiment_id])
+    assert [m.name for m in models if m.source_run_id == train_run.info.run_id] == ["policy"]
+    assert len(list((root / "mlartifacts").rglob("model.safetensors"))) == 1
 
 
 def test_rerun_skips_every_stage_and_reuses_parent_run(tiny_run):
