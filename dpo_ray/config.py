@@ -10,10 +10,10 @@ import copy
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpo_ray.errors import ConfigError
 
@@ -81,12 +81,27 @@ class DataConfig(_Section):
     on_bad_rows: Literal["error", "skip"] = "error"
 
 
+def _custom_resources(resources: dict[str, float]) -> dict[str, float]:
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU"):
+            raise ValueError(f"{name} has its own key (cpus_/gpus_per_actor, cpus_per_worker, use_gpu)")
+        if not amount > 0:
+            raise ValueError(f"{name} = {amount:g} must be > 0")
+    return resources
+
+
+CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
+
+
 class _ActorPool(_Section):
     """Resources of a stage's Ray Data actor pool, each actor holding one model."""
 
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    # Custom Ray resources per actor, e.g. {sampler: 1} to keep the actors on the nodes started with
+    # `ray start --resources='{"sampler": 4}'`.
+    resources: CustomResources = {}
 
 
 class SampleConfig(_ActorPool):
@@ -154,6 +169,8 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = Field(3, ge=1)
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
+    # Custom Ray resources per worker, as for the actor pools (e.g. {trainer: 1}).
+    resources: CustomResources = {}
     use_gpu: bool = False
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: Literal[2, 3] = 2
@@ -391,6 +408,11 @@ def check_resources(cfg: PipelineConfig, total: dict[str, float], largest_node: 
         ("train.use_gpu", "GPU", 1.0 if t.use_gpu else 0.0, t.num_workers, 0),
         ("train.cpus_per_worker", "CPU", t.cpus_per_worker, t.num_workers, 0),
     ]
+    requests += [(f"{section}.resources.{name}", name, each, units, 0)
+                 for section, pool, units in (("sample", s.resources, s.num_actors),
+                                              ("reference", r.resources, r.num_actors),
+                                              ("train", t.resources, t.num_workers))
+                 for name, each in pool.items()]
     for key, resource, each, units, task_cpus in requests:
         have, on_one_node = total.get(resource, 0.0), largest_node.get(resource, 0.0)
         if each * units > have + 1e-9:

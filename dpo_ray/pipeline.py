@@ -50,7 +50,7 @@ def init_ray(cfg: PipelineConfig) -> None:
         ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": forwarded_env(os.environ)})
     if cfg.run.check_resources:
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-        largest = {k: max(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")} if nodes else {}
+        largest = {k: max(n.get(k, 0.0) for n in nodes) for k in set().union(*nodes)}
         check_resources(cfg, ray.cluster_resources(), largest)
 
 

@@ -1,22 +1,38 @@
-"""A real two-node Ray cluster on this machine (`ray start --head` + `ray start --address`), the tiny pipeline
-submitted with `ray job submit`, and proof that its work ran on both nodes."""
+"""A multi-node rehearsal on this machine, as cluster/ documents a GPU cluster, with only host names, paths and a
+small config substituted:
+
+- a head and two worker nodes (`ray start`), each with its own --temp-dir; one worker offers a custom `sampler`
+  resource, the other `trainer`, and the config asks for them, so placement is forced across nodes;
+- a real `mlflow server` started with gpu-cluster.yaml's own command line (database on the head's disk,
+  artifacts under the shared folder), and MLFLOW_TRACKING_URI set on each node's `ray start`, as that file does;
+- a folder standing in for shared storage (`/shared` in cluster/);
+- the pipeline submitted with `ray job submit --runtime-env cluster/runtime_env.yaml --working-dir .`.
+
+It checks that the job succeeded, that the samplers and training workers ran on their nodes, that every output
+and Ray Train checkpoint is under the shared run.root, that the MLflow server holds the parent run, the stage
+runs, the per-step metrics and the trained policy, and that nothing stayed in Ray's temp dirs.
+"""
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-RAY = str(Path(sys.executable).with_name("ray"))
+BIN = Path(sys.executable).parent
+STAGES = ("sample", "label", "reference", "train", "evaluate")
 
 
 def _free_port() -> int:
@@ -25,63 +41,141 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _documented_mlflow_server(shared: Path, head_home: Path, port: int) -> list[str]:
+    """gpu-cluster.yaml's `mlflow server` command, with this machine's host, port and paths."""
+    launcher = yaml.safe_load((REPO / "cluster" / "gpu-cluster.yaml").read_text())
+    (line,) = [c for c in launcher["head_setup_commands"] if "mlflow server" in c]
+    command = re.search(r"mlflow server .*?(?=\s*>)", line).group(0)
+    command = (command.replace("--host 0.0.0.0", "--host 127.0.0.1").replace("--port 5000", f"--port {port}")
+               .replace("$HOME", str(head_home)).replace("/shared", str(shared)))
+    return [str(BIN / "mlflow"), *command.split()[1:]]
+
+
+def _wait_for(url: str, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
 @pytest.fixture()
-def two_node_cluster(tmp_path, monkeypatch):
+def rehearsal(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # this process connects to the cluster too
-    # Ray 2.60 turns token authentication on for `ray start --head`; a second `ray start` on the same machine
-    # would need the token passed along. This cluster only listens on 127.0.0.1 and lives for one test.
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "disabled"}
-    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
-        env.pop(name, None)
-    port, dashboard = _free_port(), _free_port()
+    # Ray 2.60 turns token authentication on for `ray start --head`; the nodes after it would need the token
+    # passed along. This cluster only listens on 127.0.0.1 and lives for one test.
+    shared, head_home = tmp_path / "shared", tmp_path / "head"
+    (head_home / "mlflow").mkdir(parents=True)
+    shared.mkdir()
+    mlflow_port, gcs, dashboard = _free_port(), _free_port(), _free_port()
+    tracking = f"http://127.0.0.1:{mlflow_port}"
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "disabled",
+           # The job's `python` is the one on PATH where `ray start` ran (the README's activated venv).
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": tracking}
+    env.pop("RAY_ADDRESS", None)
+    mlflow = subprocess.Popen(_documented_mlflow_server(shared, head_home, mlflow_port), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     # Short: Ray's Unix socket paths under the temp dir must stay under the 107-character limit.
-    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-    worker_temp = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))
-    head = [RAY, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-            "--num-cpus=1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--include-dashboard=true"]
-    subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
+    temps = [Path(tempfile.mkdtemp(prefix=f"r{i}", dir="/tmp")) for i in range(3)]
+    common = ["--node-ip-address=127.0.0.1", "--dashboard-agent-listen-port=0"]  # three agents on one machine
+    nodes = [
+        ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=1",
+         "--include-dashboard=true"],
+        [f"--address=127.0.0.1:{gcs}", "--num-cpus=2", '--resources={"sampler": 2}'],
+        [f"--address=127.0.0.1:{gcs}", "--num-cpus=2", '--resources={"trainer": 2}'],
+    ]
     try:
-        # Its own temp dir, as a real second machine has: sharing the head's would also share the unpacked
-        # job working_dir, which either node's runtime-env agent may delete under the running driver.
-        worker = [RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-                  f"--temp-dir={worker_temp}"]
-        subprocess.run(worker, check=True, env=env, capture_output=True, timeout=180)
-        yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{port}", env
+        for temp, args in zip(temps, nodes):
+            subprocess.run([str(BIN / "ray"), "start", *args, *common, f"--temp-dir={temp}"], check=True, env=env,
+                           capture_output=True, timeout=180)
+        _wait_for(f"{tracking}/health", 120)
+        yield {"shared": shared, "head_home": head_home, "dashboard": f"http://127.0.0.1:{dashboard}",
+               "gcs": f"127.0.0.1:{gcs}", "tracking": tracking, "temps": temps, "env": env}
     finally:
         # Not `ray stop`: it would stop every Ray instance on the machine, not just this cluster.
         for proc in psutil.process_iter(["cmdline"]):
             cmdline = " ".join(proc.info["cmdline"] or [])
-            if proc.pid != os.getpid() and (str(temp) in cmdline or str(worker_temp) in cmdline
-                                            or f"127.0.0.1:{port}" in cmdline):
+            if proc.pid != os.getpid() and (any(str(t) in cmdline for t in temps) or f"127.0.0.1:{gcs}" in cmdline):
                 proc.kill()
-        shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(worker_temp, ignore_errors=True)
+        os.killpg(mlflow.pid, 9)
+        mlflow.wait(timeout=30)
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_pipeline_as_a_ray_job_on_two_nodes(two_node_cluster, tmp_path):
-    dashboard, gcs, env = two_node_cluster
+def test_multi_node_rehearsal_of_the_documented_cluster_run(rehearsal, tmp_path):
     import ray
 
-    ray.init(address=gcs)
+    c = rehearsal
+    shared = c["shared"]
+    ray.init(address=c["gcs"])
     try:
         deadline = time.time() + 60
-        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
+        while len([n for n in ray.nodes() if n["Alive"]]) < 3 and time.time() < deadline:
             time.sleep(1)
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     finally:
         ray.shutdown()
+    assert len(nodes) == 3
+    sampler_node = next(i for i, r in nodes.items() if "sampler" in r)
+    trainer_node = next(i for i, r in nodes.items() if "trainer" in r)
 
-    submit = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(REPO),
-              "--runtime-env-json", json.dumps({"excludes": [".venv*", "runs", ".git"]}), "--",
-              sys.executable, "pipelines/full.py", "--config", "configs/tiny.yaml", f"run.root={tmp_path / 'runs'}",
-              "data.num_train_prompts=16"]
-    proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=1500)
+    runtime_env = tmp_path / "runtime_env.yaml"
+    runtime_env.write_text((REPO / "cluster" / "runtime_env.yaml").read_text().replace("/shared", str(shared)))
+    run_root = shared / "runs"
+    submit = [str(BIN / "ray"), "job", "submit", "--address", c["dashboard"], "--runtime-env", str(runtime_env),
+              "--working-dir", ".", "--", "python", "pipelines/full.py",
+              # The small config, and the custom resources that place each stage on its node.
+              "--config", "configs/tiny.yaml", f"run.root={run_root}", "data.num_train_prompts=16",
+              "sample.resources={sampler: 1}", "reference.resources={sampler: 1}", "train.resources={trainer: 1}",
+              "train.num_workers=2"]
+    proc = subprocess.run(submit, cwd=REPO, env=c["env"], capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in proc.stdout
-    assert (tmp_path / "runs" / "tiny" / "evaluate" / "manifest.json").is_file()
 
-    from ray.util.state import list_tasks
+    from ray.util.state import list_actors
 
-    tasks = list_tasks(address=dashboard, limit=10_000, detail=True, raise_on_missing_output=False)
-    nodes = {t.node_id for t in tasks if t.node_id}
-    assert len(nodes) == 2, f"work ran on {len(nodes)} node(s)"
+    actors = list_actors(address=c["dashboard"], limit=10_000, detail=True, raise_on_missing_output=False)
+    placed = {}
+    for actor in actors:
+        placed.setdefault(actor.class_name, set()).add(actor.node_id)
+    samplers = {n for name, ids in placed.items() if "Sampler" in name or "LogProbScorer" in name for n in ids}
+    trainers = {n for name, ids in placed.items() if name == "RayTrainWorker" for n in ids}
+    assert samplers == {sampler_node}, placed
+    assert trainers == {trainer_node}, placed
+
+    # Every output and checkpoint on the shared storage.
+    run_dir = run_root / "tiny"
+    from dpo_ray.artifacts import read_manifest
+
+    for stage in STAGES:
+        assert read_manifest(run_dir / stage), f"{stage} not under the shared run.root"
+    assert list((run_dir / "ray_train").glob("train-*/checkpoint_*/policy/model.safetensors"))
+
+    # The tracking server holds the parent run, one run per stage, the per-step metrics and the trained policy;
+    # its artifacts went to the shared folder, its database stayed on the head's disk.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(c["tracking"])
+    experiment = client.get_experiment_by_name("dpo-ray")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.tags["dpo_ray.run_dir"] == str(run_dir)
+    stage_runs = {r.data.tags["dpo_ray.stage"]: r for r in runs
+                  if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(stage_runs) == set(STAGES)
+    train_run = stage_runs["train"]
+    assert len(client.get_metric_history(train_run.info.run_id, "loss")) >= 2
+    models = client.search_logged_models([experiment.experiment_id])
+    assert [m.name for m in models if m.source_run_id == train_run.info.run_id] == ["policy"]
+    assert list((shared / "mlflow" / "artifacts").rglob("model.safetensors"))
+    assert (c["head_home"] / "mlflow" / "mlflow.db").is_file()
+
+    # Nothing written into Ray's temporary copies of the working dir, nor a stray local MLflow store.
+    for temp in c["temps"]:
+        leftovers = [p for p in temp.rglob("*") if p.name in ("runs", "mlruns", "mlflow.db", "mlartifacts")]
+        assert not leftovers, leftovers

@@ -228,6 +228,10 @@ CPU_NODE = {"CPU": 2.0}
     # Measured: two 1-CPU scorer actors on 2 CPUs, or one on 1 CPU, and the stage never read a row.
     (["reference.num_actors=2"], r"^reference\.cpus_per_actor: 2 x 1 CPU = 2 CPU leaves less than the 1 CPU "),
     (["sample.cpus_per_actor=1.5"], r"^sample\.cpus_per_actor: 1 x 1\.5 CPU = 1\.5 CPU leaves less than"),
+    # A custom resource no node offers would leave the actors or workers waiting forever.
+    (["sample.resources={sampler: 1}"], r"^sample\.resources\.sampler: 1 x 1 sampler = 1 sampler, but the Ray "
+                                        r"cluster has 0"),
+    (["train.num_workers=2", "train.resources={trainer: 1}"], r"^train\.resources\.trainer: 2 x 1 trainer"),
 ])
 def test_requests_beyond_the_cluster_fail_naming_the_key(overrides, message):
     cfg = load_config(None, overrides)
@@ -240,6 +244,16 @@ def test_requests_that_fit_pass_and_gpu_clusters_take_gpu_configs():
     gpu = load_config(None, ["sample.gpus_per_actor=1", "sample.num_actors=4", "train.use_gpu=true",
                              "train.num_workers=8", "train.batch_size=16", "train.micro_batch_size=2"])
     check_resources(gpu, {"CPU": 64.0, "GPU": 8.0}, {"CPU": 32.0, "GPU": 4.0})
+
+
+def test_custom_resources_place_stages_and_are_checked_at_load():
+    cfg = load_config(None, ["sample.resources={sampler: 1}", "reference.resources={sampler: 0.5}",
+                             "train.resources={trainer: 1}"])
+    check_resources(cfg, {"CPU": 5.0, "sampler": 2.0, "trainer": 2.0}, {"CPU": 2.0, "sampler": 2.0, "trainer": 2.0})
+    with pytest.raises(ConfigError, match=r"^reference\.resources: CPU has its own key"):
+        load_config(None, ["reference.resources={CPU: 1}"])
+    with pytest.raises(ConfigError, match=r"^train\.resources: trainer = 0 must be > 0"):
+        load_config(None, ["train.resources={trainer: 0}"])
 
 
 def test_one_process_must_fit_on_one_node():

@@ -113,6 +113,7 @@ def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, labeler: str | None =
             batch_format="pyarrow", batch_size=lab.batch_size * 4,
             compute=ray.data.ActorPoolStrategy(size=cfg.reference.num_actors),
             num_cpus=cfg.reference.cpus_per_actor, num_gpus=cfg.reference.gpus_per_actor,
+            resources=cfg.reference.resources,
         )
     policy = lab.implicit_policy or cfg.model.policy
     reference = lab.implicit_reference or cfg.reference_model
