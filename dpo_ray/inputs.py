@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpo_ray import schemas
@@ -38,16 +39,21 @@ class ReadResult:
 def _iter_raw_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | None]]:
     """(row number, record or None, raw text, error) for each row; row numbers are 1-based lines for JSONL."""
     if path.is_dir():
+        if (path / "dataset_dict.json").exists():
+            splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+            raise InputError(f"{path}: a saved DatasetDict with splits {', '.join(splits)}; give one split's "
+                             f"folder, e.g. {path / (splits[0] if splits else 'train')}")
         if not ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
             raise InputError(f"{path}: a folder must be a saved `datasets` dataset (save_to_disk)")
         from datasets import load_from_disk
 
-        for i, record in enumerate(load_from_disk(str(path))):
+        for i, record in enumerate(_readable(path, lambda: load_from_disk(str(path)))):
             yield i, record, "", None
     elif path.suffix == ".parquet":
-        for i, record in enumerate(pq.read_table(path).to_pylist()):
+        for i, record in enumerate(_readable(path, lambda: pq.read_table(path).to_pylist())):
             yield i, record, "", None
     elif path.suffix in (".jsonl", ".json"):
+        _refuse_whole_file_json(path)
         with open(path, "rb") as handle:
             for lineno, raw in enumerate(handle, start=1):
                 try:
@@ -70,6 +76,34 @@ def _iter_raw_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | No
         raise InputError(f"{path}: unsupported format (expected .jsonl, .parquet or a saved datasets folder)")
 
 
+def _readable(path: Path, read):
+    """read() with the file named when it is not a readable Parquet/Arrow file (a bare ArrowInvalid names none)."""
+    try:
+        return read()
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot be read as {'a saved dataset' if path.is_dir() else 'Parquet'} "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})") from err
+
+
+def _refuse_whole_file_json(path: Path) -> None:
+    """A pretty-printed JSON array or object is one document, not JSON Lines: say so instead of 'row 1: not
+    valid JSON'."""
+    with open(path, "rb") as handle:
+        first_line = handle.readline()
+    try:
+        json.loads(first_line)
+        return  # the first line is a record of its own: JSON Lines
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    try:
+        document = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # not one JSON document either: the row-level errors say what is wrong
+    kind = "an array" if isinstance(document, list) else "one JSON value"
+    raise InputError(f"{path}: holds {kind} spread over several lines, but dpo-ray reads JSON Lines (one object "
+                     "per line); convert it, e.g. jq -c '.[]' file.json > file.jsonl")
+
+
 def _check_messages(value, name: str) -> str | None:
     if not isinstance(value, list) or not value:
         return f"{name} must be a non-empty list of {{role, content}} messages"
@@ -78,6 +112,8 @@ def _check_messages(value, name: str) -> str | None:
             return f"{name}[{i}] must be an object with a string content"
         if msg.get("role") not in ROLES:
             return f"{name}[{i}] has unknown role {msg.get('role')!r} (expected one of {', '.join(ROLES)})"
+        if not msg["content"].strip() and msg["role"] != "system":
+            return f"{name}[{i}] ({msg['role']}) has empty content"
     return None
 
 
@@ -125,12 +161,16 @@ def read_prompts(path: str | Path, on_bad_rows: str = "error") -> ReadResult:
         if problem:
             return "id", problem, None
         if "messages" in record and record["messages"] is not None:
-            problem = _check_messages(record["messages"], "messages")
+            if record.get("prompt") is not None:
+                return "prompt", "given beside messages; give one of the two (which should the model see?)", None
+            messages = record["messages"]
+            problem = _check_messages(messages, "messages")
             if problem:
                 return "messages", problem, None
-            last_user = [m["content"] for m in record["messages"] if m["role"] == "user"]
-            text = last_user[-1] if last_user else record["messages"][-1]["content"]
-            return None, None, {"id": row_id, "prompt": text, "messages_json": json.dumps(record["messages"])}
+            if messages[-1]["role"] != "user":
+                return "messages", (f"the last turn is {messages[-1]['role']!r}; a prompt chat ends with the "
+                                    "user turn the model answers"), None
+            return None, None, {"id": row_id, "prompt": messages[-1]["content"], "messages_json": json.dumps(messages)}
         if "prompt" not in record:
             return "prompt", f"missing (expected a 'prompt' text or 'messages' chat column; got {sorted(record)})", None
         problem = _check_text(record["prompt"], "prompt")

@@ -76,6 +76,11 @@ BAD_PROMPT_LINES = [
     ({"id": "good-1", "prompt": "duplicate me"}, "id", "duplicate id 'good-1'"),
     ({"id": "r", "messages": [{"role": "wizard", "content": "hi"}]}, "messages", "unknown role 'wizard'"),
     ("[1, 2, 3]", "<row>", "not a JSON object"),
+    ({"id": "c", "messages": [{"role": "user", "content": " \n"}]}, "messages", "messages[0] (user) has empty content"),
+    ({"id": "b", "prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt", "given beside messages"),
+    ({"id": "a", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     "messages", "the last turn is 'assistant'"),
+    ({"id": "s", "messages": [{"role": "system", "content": "Be brief."}]}, "messages", "the last turn is 'system'"),
 ]
 
 
@@ -309,3 +314,43 @@ def test_preferences_that_would_be_silently_wrong_are_refused_with_row_and_field
     assert got[3][0] == "chosen" and "differ from the row's prompt" in got[3][1]
     with pytest.raises(InputError, match=rf"^{path}: row 1: field chosen: chosen has no 'Assistant:' turn"):
         read_preferences(path)
+
+
+# ------------------------------------------------------------------------------ whole files that are not rows
+
+def test_a_pretty_printed_json_file_is_named_as_such(tmp_path):
+    for name, document in (("array.json", [{"prompt": "a"}, {"prompt": "b"}]), ("object.jsonl", {"prompt": "a"})):
+        path = tmp_path / name
+        path.write_text(json.dumps(document, indent=2))
+        with pytest.raises(InputError, match=rf"^{path}: holds (an array|one JSON value) spread over several lines, "
+                                             r"but dpo-ray reads JSON Lines \(one object per line\)"):
+            read_prompts(path)
+    one_line = tmp_path / "one.json"
+    one_line.write_text(json.dumps({"prompt": "a"}) + "\n")  # a one-line file is JSON Lines
+    assert [r["prompt"] for r in read_prompts(one_line).rows] == ["a"]
+
+
+def test_a_saved_dataset_dict_asks_for_a_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list([{"prompt": "a"}]), "test": Dataset.from_list([{"prompt": "b"}])}) \
+        .save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'dd'}: a saved DatasetDict with splits test, train; give "
+                                         rf"one split's folder, e.g. {tmp_path / 'dd' / 'test'}$"):
+        read_prompts(tmp_path / "dd")
+    assert [r["prompt"] for r in read_prompts(tmp_path / "dd" / "train").rows] == ["a"]
+
+
+def test_corrupt_parquet_and_arrow_files_are_named(tmp_path):
+    from datasets import Dataset
+
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(InputError, match=rf"^{bad}: cannot be read as Parquet \(ArrowInvalid: "):
+        read_preferences(bad)
+    folder = tmp_path / "ds"
+    Dataset.from_list([{"prompt": "a"}]).save_to_disk(str(folder))
+    for arrow in folder.glob("*.arrow"):
+        arrow.write_bytes(b"not arrow")
+    with pytest.raises(InputError, match=rf"^{folder}: cannot be read as a saved dataset \("):
+        read_prompts(folder)

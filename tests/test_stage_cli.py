@@ -193,6 +193,26 @@ def test_zero_rows_end_early_naming_the_key(chain, capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_prompt_files_that_are_not_prompt_rows_are_one_line(chain, capsys, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    root, common = chain
+    out = ["--out", str(tmp_path / "out")]
+    pretty, chat, splits = tmp_path / "prompts.json", tmp_path / "chat.jsonl", tmp_path / "dd"
+    pretty.write_text(json.dumps([{"prompt": "Review Heat."}, {"prompt": "Review Alien."}], indent=2))
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "Review Heat."},
+                                             {"role": "assistant", "content": "Great."}]}) + "\n")
+    DatasetDict({"train": Dataset.from_list([{"prompt": "Review Heat."}])}).save_to_disk(str(splits))
+    _fails_with(capsys, ["sample", *out, *common, f"data.prompts={pretty}"],
+                3, f"dpo-ray: input error: {pretty}: holds an array spread over several lines, but dpo-ray reads "
+                   "JSON Lines")
+    _fails_with(capsys, ["sample", *out, *common, f"data.prompts={chat}"],
+                3, f"dpo-ray: input error: {chat}: row 1: field messages: the last turn is 'assistant'")
+    _fails_with(capsys, ["sample", *out, *common, f"data.prompts={splits}"],
+                3, f"dpo-ray: input error: {splits}: a saved DatasetDict with splits train; give one split's folder")
+    assert not (tmp_path / "out").exists()
+
+
 def test_stages_read_parquet_without_starting_footer_reader_actors(chain):
     # The chain's label and reference stages read Parquet; Ray's V2 reader would have started FooterReader actors
     # (one process each) for every read. ray._private.state is the GCS actor table, there without a dashboard.
