@@ -15,8 +15,11 @@ An error in the config, the input data, a model or the run folder prints one lin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from dpo_ray.config import PipelineConfig, load_config
@@ -108,13 +111,35 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     try:
-        _dispatch(command, rest)
+        with _sigterm_unwinds():
+            _dispatch(command, rest)
     except Exception as err:
         problem = find_user_error(err)
         if problem is None or debug:
             raise
         print(one_line(problem), file=sys.stderr, flush=True)
         raise SystemExit(problem.exit_code) from None
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """`ray job stop`, `kill` and batch schedulers stop a driver with SIGTERM, whose default ends the process on
+    the spot: its MLflow runs would stay RUNNING forever. As SystemExit it unwinds instead, and every open run
+    ends FAILED (MLflow's start_run context does that for any exception)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        print("dpo-ray: stopped by SIGTERM; open MLflow runs end FAILED, unfinished stages publish nothing, and a "
+              "rerun of the same command resumes", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _dispatch(command: str, rest: list[str]) -> None:

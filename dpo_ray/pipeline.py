@@ -12,6 +12,8 @@ import errno
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,7 +49,12 @@ def init_ray(cfg: PipelineConfig) -> None:
     context.use_datasource_v2 = False
     if not ray.is_initialized():
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        handler = signal.getsignal(signal.SIGTERM)
         ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": forwarded_env(os.environ)})
+        # ray.init replaces the SIGTERM handler (its core worker's ends in abort(), without unwinding); put back
+        # the one the CLI set (cli._sigterm_unwinds), which ends open MLflow runs FAILED.
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
     if cfg.run.check_resources:
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         largest = {k: max(n.get(k, 0.0) for n in nodes) for k in set().union(*nodes)}

@@ -182,6 +182,28 @@ def test_driver_killed_at_several_points_resumes_each_time_and_reuses_the_mlflow
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs if r not in parents)
 
 
+@pytest.mark.slow
+def test_a_driver_stopped_with_sigterm_ends_its_mlflow_runs_failed(tmp_path):
+    # What `ray job stop`, `kill` or a batch scheduler sends; the default action would leave the runs RUNNING.
+    args = [sys.executable, "-m", "dpo_ray.cli", "run", "--config", "configs/tiny.yaml", f"run.root={tmp_path}",
+            "data.num_train_prompts=8"]
+    with _started(args) as proc:
+        _wait_for(proc, "[dpo-ray] label: running")
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)  # the driver only, as `kill PID` does
+        rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, rest[-3000:]
+    assert "dpo-ray: stopped by SIGTERM; open MLflow runs end FAILED" in rest
+    assert not (tmp_path / "tiny" / "label").exists() and read_manifest(tmp_path / "tiny" / "sample")
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("dpo-ray").experiment_id], max_results=200)
+    status = {r.data.tags.get("dpo_ray.stage", "parent"): r.info.status for r in runs}
+    assert status == {"parent": "FAILED", "sample": "FINISHED", "label": "FAILED"}, status
+
+
 def _sample_cli(out: Path, root: Path) -> list[str]:
     return [sys.executable, "-m", "dpo_ray.cli", "sample", "--config", "configs/tiny.yaml", "--out", str(out),
             f"run.root={root}", "data.num_train_prompts=128", "sample.batch_size=2", "sample.max_new_tokens=24"]
