@@ -103,6 +103,10 @@ class _ActorPool(_Section):
     # `ray start --resources='{"sampler": 4}'`.
     resources: CustomResources = {}
 
+    def actor_resources(self) -> dict:
+        """What each actor of the pool asks Ray for (map_batches' num_cpus, num_gpus and resources)."""
+        return {"num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_actor, "resources": self.resources}
+
 
 class SampleConfig(_ActorPool):
     backend: Literal["transformers", "vllm"] = "transformers"

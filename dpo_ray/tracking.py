@@ -64,6 +64,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def as_params(tree: dict) -> dict[str, str]:
+    """A nested tree as MLflow params: dotted keys, values as text cut to MLflow's 500-character limit."""
+    return {k: str(v)[:500] for k, v in flatten(tree).items()}
+
+
 def numeric(stats: dict) -> dict:
     return {k: float(v) for k, v in stats.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
@@ -78,7 +83,8 @@ class Tracker:
         self.uri = tracking_uri(cfg)
         mlflow.set_tracking_uri(self.uri)
         self._open_experiment()
-        self.params = {k: str(v)[:500] for k, v in flatten(redact(cfg.model_dump(mode="json"))).items()}
+        self.config_tree = redact(cfg.model_dump(mode="json"))
+        self.params = as_params(self.config_tree)
 
     def _open_experiment(self) -> None:
         from mlflow.exceptions import MlflowException
@@ -121,8 +127,7 @@ class Tracker:
                 first = run.data.params
                 changed = sorted(k for k, v in self.params.items() if first.get(k) != v)
                 self.mlflow.set_tag(CHANGED_PARAMS_TAG, ", ".join(changed)[:5000] or "none")
-            self.mlflow.log_text(yaml.safe_dump(redact(self.cfg.model_dump(mode="json")), sort_keys=False),
-                                 "config.yaml")
+            self.mlflow.log_text(yaml.safe_dump(self.config_tree, sort_keys=False), "config.yaml")
             yield run
 
     @contextmanager
@@ -130,7 +135,7 @@ class Tracker:
         """A run for one stage execution, nested under the active run (the pipeline's, its round's or variant's)."""
         with self.mlflow.start_run(run_name=name, nested=self.mlflow.active_run() is not None) as run:
             self.mlflow.set_tag("dpo_ray.stage", name)
-            self.mlflow.log_params({k: str(v)[:500] for k, v in flatten(redact(inputs)).items()})
+            self.mlflow.log_params(as_params(redact(inputs)))
             yield run.info.run_id
 
     @contextmanager

@@ -243,8 +243,9 @@ def test_trained_policy_is_logged_as_a_registered_transformers_model(tmp_path, m
     assert (model.source_run_id, model.name) == (run_id, "policy")
     (version,) = mlflow.MlflowClient().search_model_versions("name = 'dpo-policy'")
     assert version.run_id == run_id
-    loaded = Path(mlflow.artifacts.download_artifacts(f"{model.model_uri}", dst_path=str(tmp_path / "back")))
-    assert (loaded / "model" / "model.safetensors").read_bytes() == (stage / "policy" / "model.safetensors").read_bytes()
+    loaded = Path(mlflow.artifacts.download_artifacts(model.model_uri, dst_path=str(tmp_path / "back")))
+    weights = "model.safetensors"
+    assert (loaded / "model" / weights).read_bytes() == (stage / "policy" / weights).read_bytes()
 
 
 def test_stage_runs_carry_their_inputs_and_a_rerun_tags_what_changed(tmp_path, monkeypatch):

@@ -111,9 +111,7 @@ def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, labeler: str | None =
             RewardModelScorer,
             fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "path": lab.reward_model, "column": column},
             batch_format="pyarrow", batch_size=lab.batch_size * 4,
-            compute=ray.data.ActorPoolStrategy(size=cfg.reference.num_actors),
-            num_cpus=cfg.reference.cpus_per_actor, num_gpus=cfg.reference.gpus_per_actor,
-            resources=cfg.reference.resources,
+            compute=ray.data.ActorPoolStrategy(size=cfg.reference.num_actors), **cfg.reference.actor_resources(),
         )
     policy = lab.implicit_policy or cfg.model.policy
     reference = lab.implicit_reference or cfg.reference_model

@@ -138,9 +138,7 @@ def score_logps(ds: ray.data.Dataset, cfg: PipelineConfig, model_spec: str, colu
         batch_size=max(r.batch_size * 4, 16),
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=r.num_actors),
-        num_cpus=r.cpus_per_actor,
-        num_gpus=r.gpus_per_actor,
-        resources=r.resources,
+        **r.actor_resources(),
     )
 
 

@@ -149,7 +149,7 @@ def sample_dataset(
     """Completions of every prompt row, as a lazy Ray dataset with the COMPLETIONS schema."""
     s = cfg.sample
     sampler = VLLMSampler if s.backend == "vllm" else TransformersSampler
-    remote_args = {"num_cpus": s.cpus_per_actor, "num_gpus": s.gpus_per_actor, "resources": s.resources}
+    remote_args = s.actor_resources()
     if s.backend == "vllm" and s.tensor_parallel_size > 1:
         # The engine's workers take the GPUs from a placement group of their own; the actor holds none.
         from ray.util.placement_group import placement_group
@@ -160,8 +160,7 @@ def sample_dataset(
             return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
                 group, placement_group_capture_child_tasks=True)}
 
-        remote_args = {"num_cpus": s.cpus_per_actor, "num_gpus": 0, "resources": s.resources,
-                       "ray_remote_args_fn": pg_strategy}
+        remote_args.update(num_gpus=0, ray_remote_args_fn=pg_strategy)
     return prompts.map_batches(
         sampler,
         fn_constructor_kwargs={

@@ -365,8 +365,8 @@ def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, ml
             "mlflow_run_id": mlflow_run_id,
             "tracking_uri": mlflow.get_tracking_uri(),
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker, **t.resources}),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker, **t.resources}),
         run_config=ray.train.RunConfig(
             name=f"train-{run_key[:12]}",
             storage_path=str(cfg.run_dir / "ray_train"),
