@@ -1,7 +1,7 @@
 """Where one dpo-ray train step spends its time (a diagnostic for Figure 1, not a comparison).
 
 Builds the train step exactly as train_throughput.py's `ours` side (dpo_forward + backward + clip + AdamW through
-the _DDP engine), runs one small warm-up step, then one step of --batch-size pairs split into phases:
+the DDPEngine), runs one small warm-up step, then one step of --batch-size pairs split into phases:
   batch     building the padded tensors (inside dpo_forward, measured as forward minus the module calls)
   decoder   the transformer body (each call of the decoder module: prompt pass and completion pass when the
             prompt is shared, one pass otherwise)

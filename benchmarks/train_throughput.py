@@ -2,7 +2,7 @@
 
 Sides (each its own copy of the model and its own AdamW, same initial weights, fp32, same threads):
   ours            the body of dpo_ray.stages.train.train_loop_per_worker for one step: _micro_batches, dpo_forward,
-                  backward, clip_grad_norm_, AdamW step (the _DDP engine with world size 1, the model wrapped as
+                  backward, clip_grad_norm_, AdamW step (the DDPEngine with world size 1, the model wrapped as
                   the loop wraps it), reference log-probs precomputed by the reference stage's LogProbScorer.
   trl_precompute  TRL DPOTrainer(precompute_ref_log_probs=True): its collator, Trainer.training_step (the
                   trainer's compute_loss + backward), then what Trainer's inner loop does after it: clip_grad_norm_,
@@ -55,14 +55,14 @@ def reference_logps(path: str, pairs: list[dict]) -> tuple[list[float], list[flo
 
 
 def build_engine(path: str, t):
-    """Model and engine as train_loop_per_worker builds them for one CPU worker (the _DDP path, world size 1)."""
+    """Model and engine as train_loop_per_worker builds them for one CPU worker (the DDPEngine path, world size 1)."""
     from dpo_ray import logprobs
-    from dpo_ray.stages import train as tr
+    from dpo_ray.engines import DDPEngine
 
     lm = common.load_model(path)
     # Since the prompt-sharing change the engine wraps the LM in SequenceScorer; before it, the bare LM.
     model = logprobs.SequenceScorer(lm) if hasattr(logprobs, "SequenceScorer") else lm
-    engine = tr._DDP(model, t, world=1)
+    engine = DDPEngine(model, t, world=1)
     engine.model.train()
     return lm, engine
 

@@ -1,14 +1,13 @@
 """train: Ray Train minimizes the DPO loss family on pairs with precomputed reference log-probs.
 
 The distributed layer is thin: `TorchTrainer` starts the workers, each reads its shard of the reference
-Parquet as a Ray dataset, and `_DDP` / `_DeepSpeed` hide the one difference between the CPU (gloo DDP) and GPU
-(DeepSpeed ZeRO-2/3) paths: how gradients are reduced, stepped and checkpointed. No reference model is ever
+Parquet as a Ray dataset, and the engines of `dpo_ray.engines` (torch DDP, DeepSpeed ZeRO-2/3) hide the one
+difference between strategies: how gradients are reduced, stepped and checkpointed. No reference model is ever
 loaded here. Rerunning with the same inputs resumes from the last checkpoint (same Ray Train name and path).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -27,13 +26,11 @@ import torch
 import torch.distributed as dist
 
 from dpo_ray.config import PipelineConfig, TrainConfig
+from dpo_ray.engines import POLICY_DIR, DDPEngine, DeepSpeedEngine
 from dpo_ray.errors import ConfigError, TrainingError
 from dpo_ray.logprobs import SequenceScorer, shared_prompt_batch
 from dpo_ray.losses import DPOOutput, dpo_objective, reward_metrics
 from dpo_ray.models import load_causal_lm, load_tokenizer, set_torch_threads
-
-POLICY_DIR = "policy"
-
 
 class NonFiniteError(TrainingError):
     pass
@@ -85,124 +82,9 @@ def _micro_batches(rows: dict[str, list], size: int) -> list[dict[str, list]]:
     return [{k: [v[i] for i in order[s : s + size]] for k, v in rows.items()} for s in range(0, n, size)]
 
 
-def _make_optimizer(model, t: TrainConfig):
-    params = [p for p in model.parameters() if p.requires_grad]
-    # foreach: one multi-tensor kernel per step instead of a Python loop over every parameter (torch only picks
-    # it by default on GPU).
-    if t.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
-
-
-def _warmup(t: TrainConfig):
-    # Linear warm-up to lr, then constant, as in the DPO paper.
-    return lambda step: min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
-
-
 def _zero_loss(model) -> torch.Tensor:
     # Backpropagated instead of a non-finite loss: keeps every rank's collectives in step, adds no gradient.
     return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
-
-
-class _DDP:
-    def __init__(self, scorer: SequenceScorer, t: TrainConfig, world: int):
-        self.t = t
-        self.raw = scorer.lm
-        self.optimizer = _make_optimizer(scorer, t)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup(t))
-        self.model = ray.train.torch.prepare_model(scorer) if world > 1 else scorer
-
-    def no_sync(self, skip: bool):
-        return self.model.no_sync() if skip and hasattr(self.model, "no_sync") else contextlib.nullcontext()
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self) -> tuple[float, bool]:
-        norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.t.max_grad_norm or float("inf"))
-        finite = bool(torch.isfinite(norm))
-        if finite:
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm), finite
-
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
-    def save(self, path: Path, rank: int, tokenizer) -> None:
-        if rank == 0:
-            self.raw.save_pretrained(path / POLICY_DIR, safe_serialization=True)
-            tokenizer.save_pretrained(path / POLICY_DIR)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       path / "optimizer.pt")
-
-    def load(self, path: Path) -> None:
-        from safetensors.torch import load_model
-
-        load_model(self.raw, path / POLICY_DIR / "model.safetensors", strict=False)
-        state = torch.load(path / "optimizer.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-
-class _DeepSpeed:
-    def __init__(self, scorer: SequenceScorer, t: TrainConfig, world: int, dtype: str, micro: int, accumulation: int):
-        import deepspeed
-
-        self.t = t
-        optimizer = _make_optimizer(scorer, t)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(t))
-        config = {
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": accumulation,
-            "zero_optimization": {"stage": t.zero_stage},
-            "bf16": {"enabled": dtype == "bfloat16"},
-            "fp16": {"enabled": dtype == "float16"},
-            # A client-built torch optimizer: DeepSpeed's fused Adam would JIT-compile for minutes on CPU.
-            "zero_allow_untested_optimizer": True,
-        }
-        if t.max_grad_norm:
-            config["gradient_clipping"] = t.max_grad_norm
-        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=scorer, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-        self.raw = self.model.module.lm
-
-    def no_sync(self, skip: bool):
-        return contextlib.nullcontext()
-
-    def backward(self, loss):
-        # DeepSpeed divides by gradient_accumulation_steps itself; the loop already weighted each micro-batch.
-        self.model.backward(loss * self.model.gradient_accumulation_steps(), scale_wrt_gas=True)
-        self.model.step()
-
-    def step(self) -> tuple[float, bool]:
-        # DeepSpeed steps inside backward at the accumulation boundary; report what it saw.
-        norm = self.model.get_global_grad_norm()
-        if norm is None:
-            return float("nan"), True
-        return float(norm), math.isfinite(float(norm))
-
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
-    def save(self, path: Path, rank: int, tokenizer) -> None:
-        self.model.save_checkpoint(str(path / "deepspeed"), tag="state")
-        state_dict = None
-        if self.t.zero_stage == 3:
-            # Every rank takes part; rank 0 gets the full weights on its CPU, gathered one module at a time, so
-            # no GPU ever holds more than one layer beyond its shard (gathering the whole model at once would put
-            # all of a 70B model on every GPU). The same consolidation as DeepSpeed's save_16bit_model, which
-            # can only write a pickled .bin; HF accelerate calls it the same way.
-            state_dict = self.model._zero3_consolidated_16bit_state_dict()
-            if rank == 0:
-                state_dict = {k.removeprefix("lm."): v for k, v in state_dict.items()}
-        if rank == 0:
-            self.raw.save_pretrained(path / POLICY_DIR, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(path / POLICY_DIR)
-
-    def load(self, path: Path) -> None:
-        self.model.load_checkpoint(str(path / "deepspeed"), tag="state")
 
 
 def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
@@ -232,9 +114,9 @@ def train_loop_per_worker(config: dict) -> None:
     per_worker = t.batch_size // world
     accumulation = per_worker // t.micro_batch_size
     if t.strategy == "deepspeed":
-        engine = _DeepSpeed(scorer, t, world, cfg.model.dtype, t.micro_batch_size, accumulation)
+        engine = DeepSpeedEngine(scorer, t, cfg.model.dtype, t.micro_batch_size, accumulation)
     else:
-        engine = _DDP(scorer, t, world)
+        engine = DDPEngine(scorer, t, world)
     engine.model.train()
 
     state = {"step": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0, "tokens": 0, "resumed_from": []}
