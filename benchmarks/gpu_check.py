@@ -13,6 +13,13 @@ the CPU:
    sampled tokens on the device;
 3. train step: `SequenceScorer` + `dpo_objective` + AdamW, as a training worker runs it; loss and gradient norm of
    the first step match the CPU step, and a few steps lower the loss;
+4. deepspeed_zero2 / deepspeed_zero3: the train stage's GPU engine (`dpo_ray.engines.DeepSpeedEngine`, bf16, a
+   one-rank NCCL process group): the first loss matches the CPU fp32 step, the loss falls, and the policy it saves
+   reloads with transformers and scores the batch as the engine does; skipped with --no-deepspeed;
+5. throughput (not pass/fail): train steps of a Llama-3.2-1B-shaped model (SmolLM2's with --small), ours
+   (prompt shared by both completions, log-softmax of the picked tokens only) against a plain PyTorch step as
+   TRL-style trainers take it (prompt+chosen and prompt+rejected as 2B sequences, full logits), interleaved; pair
+   tokens/s, the ratio, and MFU against the bf16 matmul rate measured in the same process;
 
 and writes a JSON with the device, versions, each check's numbers and throughput. Exit code 1 if a check fails.
 """
@@ -21,8 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import socket
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +42,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpo_ray.logprobs import SequenceScorer, shared_prompt_batch, shared_prompt_logps  # noqa: E402
+from dpo_ray.logprobs import SequenceScorer, pad_batch, shared_prompt_batch, shared_prompt_logps  # noqa: E402
 from dpo_ray.losses import dpo_objective  # noqa: E402
 from dpo_ray.sampling import sample_seed, sample_tokens  # noqa: E402
 
@@ -43,6 +54,13 @@ SMOLLM2_135M = {
     "rms_norm_eps": 1e-5, "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
     "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
 }
+# Llama-3.2-1B's shape (1.24B parameters), for a throughput that keeps an H100/H200 busy.
+LLAMA_1B = {
+    "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
+    "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+}
 PAD, EOS = 2, 2
 # Summed log-probs of bf16 against fp32: bf16 keeps 8 bits of mantissa, so each token's log-prob is off by up to
 # ~0.4% and a sequence's sum by about that fraction (measured on CPU: 0.1-0.3%); 2% leaves room for GPU kernels.
@@ -50,18 +68,20 @@ LOGP_RTOL = 0.02
 GRAD_RTOL = 0.1
 
 
-def build_model(layers: int, dtype: torch.dtype, device: str, seed: int = 0) -> torch.nn.Module:
-    config = transformers.LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": layers})
+def build_model(layers: int, dtype: torch.dtype, device: str, seed: int = 0, shape: dict = SMOLLM2_135M
+                ) -> torch.nn.Module:
+    config = transformers.LlamaConfig(**{**shape, "num_hidden_layers": layers})
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config)
     return model.to(dtype=dtype, device=device)
 
 
 def random_pairs(count: int, prompt_len: int, completion_len: int, seed: int) -> tuple[list, list]:
+    """Token ids of `count` prompts and their two completions, lengths varying a little as real pairs do."""
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(3, SMOLLM2_135M["vocab_size"], (n,), generator=g).tolist()  # noqa: E731
     prompts = [ids(prompt_len - i % 4) for i in range(count)]
-    completions = [[ids(completion_len - i % 5), ids(completion_len - i % 3)] for i in range(count)]
+    completions = [[ids(max(1, completion_len - i % 5)), ids(max(1, completion_len - i % 3))] for i in range(count)]
     return prompts, completions
 
 
@@ -136,14 +156,19 @@ def train_steps(model, batch: dict, reference: tuple, steps: int, lr: float) -> 
     return losses, first_norm, sum(seconds[1:]) / max(1, len(seconds) - 1)
 
 
-def check_train_step(args, dtype) -> dict:
+def train_batch(args) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+    """The training pairs (on the CPU) and reference log-probs offset from the initial policy's, so the first loss
+    is not exactly log 2."""
     prompts, completions = random_pairs(args.train_pairs, args.prompt_len, args.completion_len, seed=3)
     batch = shared_prompt_batch(prompts, completions, PAD)
-    # Reference log-probs offset from the initial policy's, so the first loss is not exactly log 2.
     with torch.inference_mode():
         initial, _ = shared_prompt_logps(build_model(args.layers, torch.float32, "cpu"), **batch)
     offsets = torch.linspace(-2.0, 2.0, len(prompts))
-    reference = (initial[0::2] + offsets, initial[1::2] - offsets)
+    return batch, (initial[0::2] + offsets, initial[1::2] - offsets)
+
+
+def check_train_step(args, dtype) -> dict:
+    batch, reference = train_batch(args)
     cpu_losses, cpu_norm, _ = train_steps(build_model(args.layers, torch.float32, "cpu"), batch, reference, 1,
                                           args.lr)
     model = build_model(args.layers, dtype, args.device)
@@ -156,7 +181,135 @@ def check_train_step(args, dtype) -> dict:
             and losses[-1] < losses[0], "ran_on": ran_on, "losses": losses, "cpu_fp32_first_loss": cpu_losses[0],
             "first_loss_relative_error": loss_error, "grad_norm": norm, "cpu_fp32_grad_norm": cpu_norm,
             "grad_norm_relative_error": norm_error, "tolerances": [LOGP_RTOL, GRAD_RTOL],
-            "pairs_per_step": len(prompts), "seconds_per_step": step_seconds}
+            "pairs_per_step": len(reference[0]), "seconds_per_step": step_seconds}
+
+
+def _one_rank_process_group(device: str) -> str:
+    """torch.distributed with one rank, as Ray Train starts it per worker (NCCL on GPU, gloo on CPU)."""
+    import torch.distributed as dist
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        dist.init_process_group(backend, rank=0, world_size=1)
+    probe = torch.ones(1, device=device)
+    dist.all_reduce(probe)  # the collective the engines' gradient reduction rests on
+    return dist.get_backend()
+
+
+class _NoTokenizer:
+    """The check has no tokenizer files (they cannot travel); the engine's save writes the model alone."""
+
+    def save_pretrained(self, path) -> None:
+        pass
+
+
+def check_deepspeed(args, stage: int, cpu_first_loss: float) -> dict:
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from dpo_ray.config import TrainConfig
+    from dpo_ray.engines import POLICY_DIR, DeepSpeedEngine
+
+    backend = _one_rank_process_group(args.device)
+    batch, reference = train_batch(args)
+    batch, reference = on_device(batch, args.device), tuple(r.to(args.device) for r in reference)
+    pairs = len(reference[0])
+    t = TrainConfig(strategy="deepspeed", zero_stage=stage, lr=args.lr, batch_size=pairs, micro_batch_size=pairs,
+                    num_workers=1, max_grad_norm=None, use_gpu=args.device == "cuda")
+    engine = DeepSpeedEngine(SequenceScorer(build_model(args.layers, torch.float32, args.device)), t, args.dtype,
+                             pairs, 1)
+    engine.model.train()
+    losses, norms = [], []
+    for _ in range(args.steps):
+        logps, counts = engine.model(**batch)
+        out = dpo_objective(logps[0::2], logps[1::2], reference[0], reference[1], counts[0::2], beta=0.1)
+        engine.backward(out.loss)
+        norm, _ = engine.step()
+        losses.append(out.loss.item())
+        norms.append(norm)
+    engine.model.eval()
+    with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
+        trained, _ = engine.model(**batch)
+        engine.save(Path(tmp), 0, _NoTokenizer())
+        saved = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / POLICY_DIR, dtype=getattr(
+            torch, args.dtype)).to(args.device)
+        reloaded, _ = shared_prompt_logps(saved, **batch)
+    loss_error = abs(losses[0] - cpu_first_loss) / abs(cpu_first_loss)
+    reload_error = relative_error(reloaded, trained)
+    ran_on = next(engine.raw.parameters()).device.type
+    return {"ok": ran_on == args.device and loss_error <= LOGP_RTOL and losses[-1] < losses[0]
+            and reload_error <= 1e-3, "ran_on": ran_on, "backend": backend, "zero_stage": stage,
+            "param_dtype": str(next(engine.raw.parameters()).dtype), "losses": losses, "grad_norms": norms,
+            "cpu_fp32_first_loss": cpu_first_loss, "first_loss_relative_error": loss_error,
+            "saved_policy_reload_max_relative_error": reload_error}
+
+
+def plain_pair_logps(model, prompts: list, completions: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The peer's scoring: prompt+completion as one sequence per completion, full logits, log-softmax of all."""
+    flat = [c for group in completions for c in group]
+    batch = pad_batch([p for p in prompts for _ in completions[0]], flat, PAD)
+    batch = on_device(batch, next(model.parameters()).device.type)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logps = logits.float().log_softmax(-1).gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+    mask = batch["completion_mask"][:, 1:]
+    return (logps * mask).sum(-1), mask.sum(-1)
+
+
+def matmul_tflops(device: str, dtype: torch.dtype, n: int) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _, seconds = timed(lambda: [a @ b for _ in range(10)], device)
+    return 2 * n**3 * 10 / seconds / 1e12
+
+
+def check_throughput(args, dtype) -> dict:
+    shape = SMOLLM2_135M if args.small else LLAMA_1B
+    layers = args.layers if args.small else shape["num_hidden_layers"]
+    prompts, completions = random_pairs(args.tp_pairs, args.tp_prompt_len, args.tp_completion_len, seed=4)
+    batch = on_device(shared_prompt_batch(prompts, completions, PAD), args.device)
+    reference = (torch.zeros(len(prompts), device=args.device), torch.zeros(len(prompts), device=args.device))
+    pair_tokens = sum(2 * len(p) + len(c) + len(r) for p, (c, r) in zip(prompts, completions))
+
+    def side(score):
+        model = build_model(layers, dtype, args.device, shape=shape).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
+
+        def step():
+            logps, counts = score(model)
+            out = dpo_objective(logps[0::2], logps[1::2], reference[0], reference[1], counts[0::2], beta=0.1)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return model, step
+
+    ours_model, ours = side(lambda m: shared_prompt_logps(m, **batch))
+    peer_model, peer = side(lambda m: plain_pair_logps(m, prompts, completions))
+    parameters = sum(p.numel() for p in ours_model.parameters())
+    times = {"ours": [], "plain_pytorch": []}
+    for round_ in range(args.tp_warmup + args.tp_steps):
+        for name, step in (("ours", ours), ("plain_pytorch", peer)):
+            _, seconds = timed(step, args.device)
+            if round_ >= args.tp_warmup:
+                times[name].append(seconds)
+    peak = matmul_tflops(args.device, dtype, 8192 if args.device == "cuda" else 1024)
+    result = {"shape": "SmolLM2-135M" if args.small else "Llama-3.2-1B", "layers": layers, "parameters": parameters,
+              "pairs_per_step": len(prompts), "pair_tokens_per_step": pair_tokens,
+              "matmul_tflops": peak, "steps_timed": args.tp_steps}
+    for name, seconds in times.items():
+        per_step = statistics.median(seconds)
+        result[name] = {"seconds_per_step": per_step, "pair_tokens_per_s": pair_tokens / per_step,
+                        "mfu": 6 * parameters * pair_tokens / per_step / (peak * 1e12)}
+    result["ours_over_plain_pytorch"] = result["ours"]["pair_tokens_per_s"] / result["plain_pytorch"]["pair_tokens_per_s"]
+    if args.device == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del ours_model, peer_model
+    return {"ok": True, "ran_on": args.device, **result}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,11 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"])
     p.add_argument("--small", action="store_true", help="short sequences and few rows (a CPU smoke run)")
     p.add_argument("--out", default="gpu_check.json")
+    p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed engine checks")
     args = p.parse_args(argv)
     scale = 1 if args.small else 8
     args.pairs, args.prompts, args.train_pairs, args.n = 4 * scale, 2 * scale, 2 * scale, 4
     args.prompt_len, args.completion_len, args.new_tokens = (16, 12, 8) if args.small else (64, 128, 128)
     args.steps, args.lr = 4, 1e-3
+    args.tp_pairs, args.tp_prompt_len, args.tp_completion_len = (2, 16, 12) if args.small else (16, 256, 256)
+    args.tp_warmup, args.tp_steps = (1, 2) if args.small else (2, 6)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: torch sees no CUDA device; use --device cpu for a CPU run", file=sys.stderr)
         return 2
@@ -182,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     checks = {"scorer": check_scorer(args, reference_cpu, model), "sampler": check_sampler(args, model)}
     del model, reference_cpu
     checks["train_step"] = check_train_step(args, dtype)
+    if not args.no_deepspeed:
+        for stage in (2, 3):
+            checks[f"deepspeed_zero{stage}"] = check_deepspeed(args, stage, checks["train_step"]["cpu_fp32_first_loss"])
+    checks["throughput"] = check_throughput(args, dtype)
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "dtype": args.dtype, "layers": args.layers, "small": args.small, "torch": torch.__version__,

@@ -108,6 +108,21 @@ def shared_prompt_batch(
             "completion_ids": completion["input_ids"], "completion_mask": completion["completion_mask"]}
 
 
+def prompt_attention_mask(prompt_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, Lp) left-padded prompt mask -> (B, 1, Lp, Lp) additive causal mask in which each padding position
+    attends to itself alone, and no real position attends to padding.
+
+    With the plain 2-D mask a left-padding position attends to nothing. CUDA's attention kernels (seen with sdpa on
+    an H200, torch 2.11) then give NaN gradients for such a row; its output reaches no loss term, but 0 x NaN in
+    the backward makes every weight gradient NaN. On the CPU the same rows are finite, which hid this.
+    """
+    length = prompt_mask.shape[1]
+    allowed = torch.ones(length, length, dtype=torch.bool, device=prompt_mask.device).tril() & prompt_mask.bool()[:, None, :]
+    allowed |= torch.eye(length, dtype=torch.bool, device=prompt_mask.device)
+    return torch.zeros(allowed.shape, dtype=dtype, device=prompt_mask.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[:, None]
+
+
 def shared_prompt_logps(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -131,7 +146,9 @@ def shared_prompt_logps(
     b, k = prompt_ids.shape[0], completion_ids.shape[0] // prompt_ids.shape[0]
     decoder = model.get_decoder()
     prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True)
+    # Without padding the plain mask lets attention take its causal fast path.
+    attention = prompt_mask if bool(prompt_mask.all()) else prompt_attention_mask(prompt_mask, model.dtype)
+    out = decoder(input_ids=prompt_ids, attention_mask=attention, position_ids=prompt_positions, use_cache=True)
     cache, last = out.past_key_values, out.last_hidden_state[:, -1]
     if k > 1:
         cache.batch_repeat_interleave(k)

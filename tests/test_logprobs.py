@@ -9,6 +9,7 @@ from dpo_ray.logprobs import (
     SequenceScorer,
     completion_logps,
     pad_batch,
+    prompt_attention_mask,
     selective_log_softmax,
     shared_prompt_batch,
     shared_prompt_logps,
@@ -135,6 +136,17 @@ def test_shared_prompt_batch_layout():
     assert b["completion_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 1, 1]]
     with pytest.raises(ValueError):
         shared_prompt_batch([[1], [2]], [[[3], [4]], [[5]]], pad_id=0)
+
+
+def test_prompt_attention_mask_leaves_no_row_fully_masked():
+    # Prompts [_, _, 5, 6] and [7, 8, 9, 10]: padding positions see themselves alone, real ones see the real
+    # positions up to themselves (a fully masked row gave NaN gradients on CUDA, benchmarks/README.md).
+    mask = prompt_attention_mask(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), torch.float32)
+    assert mask.shape == (2, 1, 4, 4)
+    allowed = (mask[:, 0] == 0).int().tolist()
+    assert allowed[0] == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    assert allowed[1] == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert mask.min() == torch.finfo(torch.float32).min
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
