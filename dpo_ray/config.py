@@ -437,4 +437,5 @@ def concurrent_trainings(cfg: PipelineConfig, total: dict[str, float], variants:
     fits = [math.floor(total.get("CPU", 0.0) / (t.num_workers * t.cpus_per_worker) + 1e-9)]
     if t.use_gpu:
         fits.append(math.floor(total.get("GPU", 0.0) / t.num_workers + 1e-9))
+    fits += [math.floor(total.get(name, 0.0) / (t.num_workers * amount) + 1e-9) for name, amount in t.resources.items()]
     return max(1, min(variants, cfg.frontier.max_concurrent or variants, *fits))

@@ -159,6 +159,10 @@ def test_frontier_trains_as_many_variants_at_once_as_the_cluster_holds():
     assert concurrent_trainings(capped, {"CPU": 64.0}, 6) == 3
     gpu = load_config(None, ["train.num_workers=4", "train.use_gpu=true", "train.batch_size=16"])
     assert concurrent_trainings(gpu, {"CPU": 64.0, "GPU": 8.0}, 6) == 2
+    # A custom resource the workers ask for (train.resources) bounds it like CPUs and GPUs.
+    tagged = load_config(None, ["train.num_workers=2", "train.batch_size=16", "train.resources={trainer: 1}"])
+    assert concurrent_trainings(tagged, {"CPU": 64.0, "trainer": 2.0}, 6) == 1
+    assert concurrent_trainings(tagged, {"CPU": 64.0, "trainer": 4.0}, 6) == 2
 
 
 def test_missing_config_file(tmp_path):
