@@ -305,7 +305,8 @@ def check_throughput(args, dtype) -> dict:
         per_step = statistics.median(seconds)
         result[name] = {"seconds_per_step": per_step, "pair_tokens_per_s": pair_tokens / per_step,
                         "mfu": 6 * parameters * pair_tokens / per_step / (peak * 1e12)}
-    result["ours_over_plain_pytorch"] = result["ours"]["pair_tokens_per_s"] / result["plain_pytorch"]["pair_tokens_per_s"]
+    result["ours_over_plain_pytorch"] = (result["ours"]["pair_tokens_per_s"]
+                                         / result["plain_pytorch"]["pair_tokens_per_s"])
     if args.device == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del ours_model, peer_model
@@ -340,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     checks["train_step"] = check_train_step(args, dtype)
     if not args.no_deepspeed:
         for stage in (2, 3):
-            checks[f"deepspeed_zero{stage}"] = check_deepspeed(args, stage, checks["train_step"]["cpu_fp32_first_loss"])
+            checks[f"deepspeed_zero{stage}"] = check_deepspeed(args, stage,
+                                                               checks["train_step"]["cpu_fp32_first_loss"])
     checks["throughput"] = check_throughput(args, dtype)
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",

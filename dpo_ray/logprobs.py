@@ -116,10 +116,10 @@ def prompt_attention_mask(prompt_mask: torch.Tensor, dtype: torch.dtype) -> torc
     an H200, torch 2.11) then give NaN gradients for such a row; its output reaches no loss term, but 0 x NaN in
     the backward makes every weight gradient NaN. On the CPU the same rows are finite, which hid this.
     """
-    length = prompt_mask.shape[1]
-    allowed = torch.ones(length, length, dtype=torch.bool, device=prompt_mask.device).tril() & prompt_mask.bool()[:, None, :]
-    allowed |= torch.eye(length, dtype=torch.bool, device=prompt_mask.device)
-    return torch.zeros(allowed.shape, dtype=dtype, device=prompt_mask.device).masked_fill(
+    length, device = prompt_mask.shape[1], prompt_mask.device
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril() & prompt_mask.bool()[:, None, :]
+    allowed |= torch.eye(length, dtype=torch.bool, device=device)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
         ~allowed, torch.finfo(dtype).min)[:, None]
 
 
