@@ -30,6 +30,10 @@ REDACTED = "***"
 # Opens the experiment in the UI's model-training view instead of the GenAI one (MLflow 3's experiment kinds).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 CHANGED_PARAMS_TAG = "dpo_ray.params_changed_since_first_run"
+# On every run below the parent (stages, rounds, variants): the parent's run-dir key, so a rerun finds the runs that
+# a killed driver left RUNNING.
+UNDER_KEY_TAG = "dpo_ray.under_run_dir_key"
+ENDED_BY_TAG = "dpo_ray.ended_by"
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -115,6 +119,21 @@ class Tracker:
     def _run_key(self) -> str:
         return hashlib.sha256(str(self.cfg.run_dir).encode()).hexdigest()[:32]
 
+    def _end_orphans(self) -> None:
+        """Runs under this run dir's parent that are still RUNNING end KILLED: the driver that had them open was
+        killed without unwinding (SIGKILL, a lost node), which is why the same run dir is running again. One driver
+        per run dir is assumed, as for its stage folders."""
+        client = self.mlflow.MlflowClient()
+        orphans = self.mlflow.search_runs(
+            filter_string=f"tags.`{UNDER_KEY_TAG}` = '{self._run_key()}' and attributes.status = 'RUNNING'",
+            output_format="list", max_results=1000)
+        for run in orphans:
+            client.set_tag(run.info.run_id, ENDED_BY_TAG, "a rerun of its run dir: the driver running it was killed")
+            client.set_terminated(run.info.run_id, "KILLED")
+        if orphans:
+            print(f"[dpo-ray] MLflow: {len(orphans)} run(s) left RUNNING by a killed driver marked KILLED",
+                  flush=True)
+
     @contextmanager
     def parent(self):
         """The pipeline's parent run: created once per run dir, reused (not duplicated) on every rerun."""
@@ -124,6 +143,7 @@ class Tracker:
                 self.mlflow.set_tags({RUN_DIR_TAG: str(self.cfg.run_dir), RUN_KEY_TAG: self._run_key()})
                 self.mlflow.log_params(self.params)
             else:
+                self._end_orphans()
                 first = run.data.params
                 changed = sorted(k for k, v in self.params.items() if first.get(k) != v)
                 self.mlflow.set_tag(CHANGED_PARAMS_TAG, ", ".join(changed)[:5000] or "none")
@@ -134,7 +154,7 @@ class Tracker:
     def stage(self, name: str, inputs: dict):
         """A run for one stage execution, nested under the active run (the pipeline's, its round's or variant's)."""
         with self.mlflow.start_run(run_name=name, nested=self.mlflow.active_run() is not None) as run:
-            self.mlflow.set_tag("dpo_ray.stage", name)
+            self.mlflow.set_tags({"dpo_ray.stage": name, UNDER_KEY_TAG: self._run_key()})
             self.mlflow.log_params(as_params(redact(inputs)))
             yield run.info.run_id
 
@@ -148,7 +168,7 @@ class Tracker:
         )
         run_id = found[0].info.run_id if found else None
         with self.mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=True) as run:
-            self.mlflow.set_tag("dpo_ray.child", name)
+            self.mlflow.set_tags({"dpo_ray.child": name, UNDER_KEY_TAG: self._run_key()})
             yield run
 
     def log_stage(self, stats: dict, folder: Path) -> None:
