@@ -3,12 +3,16 @@ small config substituted:
 
 - a head and two worker nodes (`ray start`), each with its own --temp-dir; one worker offers a custom `sampler`
   resource, the other `trainer`, and the config asks for them, so placement is forced across nodes;
-- a real `mlflow server` started with gpu-cluster.yaml's own command line (database on the head's disk,
-  artifacts under the shared folder), and MLFLOW_TRACKING_URI set on each node's `ray start`, as that file does;
+- the secrets block of cluster/README.md run as written (with HOME in a temporary folder): Ray's token and the
+  MLflow credentials, given to every node's `ray start` as gpu-cluster.yaml does (RAY_AUTH_MODE=token);
+- a real `mlflow server` started with gpu-cluster.yaml's own command line (basic-auth app, database on the head's
+  disk, artifacts under the shared folder), and MLFLOW_TRACKING_URI set on each node's `ray start`, as that file
+  does;
 - a folder standing in for shared storage (`/shared` in cluster/);
 - the pipeline submitted with `ray job submit --runtime-env cluster/runtime_env.yaml --working-dir .`.
 
-It checks that the job succeeded, that the samplers and training workers ran on their nodes, that every output
+It checks that the dashboard's jobs API and the MLflow server refuse a caller without credentials, that the job
+succeeded, that the samplers and training workers ran on their nodes, that every output
 and Ray Train checkpoint is under the shared run.root, that the MLflow server holds the parent run, the stage
 runs, the per-step metrics and the trained policy, and that nothing stayed in Ray's temp dirs.
 """
@@ -22,12 +26,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
+from conftest import doc_shell_blocks
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -51,6 +57,25 @@ def _documented_mlflow_server(shared: Path, head_home: Path, port: int) -> list[
     return [str(BIN / "mlflow"), *command.split()[1:]]
 
 
+def _documented_secrets(home: Path) -> dict[str, str]:
+    """cluster/README.md's secrets block run as written with HOME=`home`: the variables of ~/.dpo-ray/cluster.env,
+    and RAY_AUTH_TOKEN_PATH naming the token it made (each node of a real cluster has it at ~/.ray/auth_token)."""
+    (block,) = [b["text"] for b in doc_shell_blocks(REPO / "cluster" / "README.md")
+                if "ray get-auth-token" in b["text"]]
+    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", "-e", "-c", block], cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
+    lines = (home / ".dpo-ray" / "cluster.env").read_text().splitlines()
+    assert (home / ".dpo-ray" / "cluster.env").stat().st_mode & 0o077 == 0  # readable by its owner only
+    return {**dict(line.split("=", 1) for line in lines), "RAY_AUTH_TOKEN_PATH": str(home / ".ray" / "auth_token")}
+
+
+def _status(url: str, data: bytes | None = None) -> int:
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10).status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
 def _wait_for(url: str, seconds: float) -> None:
     deadline = time.time() + seconds
     while True:
@@ -65,20 +90,22 @@ def _wait_for(url: str, seconds: float) -> None:
 
 @pytest.fixture()
 def rehearsal(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # this process connects to the cluster too
-    # Ray 2.60 turns token authentication on for `ray start --head`; the nodes after it would need the token
-    # passed along. This cluster only listens on 127.0.0.1 and lives for one test.
     shared, head_home = tmp_path / "shared", tmp_path / "head"
     (head_home / "mlflow").mkdir(parents=True)
     shared.mkdir()
+    secrets = _documented_secrets(head_home)
+    for name, value in secrets.items():  # this process talks to the cluster and the MLflow server too
+        monkeypatch.setenv(name, value)
     mlflow_port, gcs, dashboard = _free_port(), _free_port(), _free_port()
     tracking = f"http://127.0.0.1:{mlflow_port}"
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "disabled",
+    env = {**os.environ, **secrets, "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
            # The job's `python` is the one on PATH where `ray start` ran (the README's activated venv).
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": tracking}
     env.pop("RAY_ADDRESS", None)
+    # In ~/mlflow, as gpu-cluster.yaml starts it: the basic-auth app keeps its users in ./basic_auth.db.
     mlflow = subprocess.Popen(_documented_mlflow_server(shared, head_home, mlflow_port), env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              cwd=head_home / "mlflow", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     # Short: Ray's Unix socket paths under the temp dir must stay under the 107-character limit.
     temps = [Path(tempfile.mkdtemp(prefix=f"r{i}", dir="/tmp")) for i in range(3)]
     common = ["--node-ip-address=127.0.0.1", "--dashboard-agent-listen-port=0"]  # three agents on one machine
@@ -93,6 +120,7 @@ def rehearsal(tmp_path, monkeypatch):
             subprocess.run([str(BIN / "ray"), "start", *args, *common, f"--temp-dir={temp}"], check=True, env=env,
                            capture_output=True, timeout=180)
         _wait_for(f"{tracking}/health", 120)
+        assert (head_home / "mlflow" / "basic_auth.db").is_file()
         yield {"shared": shared, "head_home": head_home, "dashboard": f"http://127.0.0.1:{dashboard}",
                "gcs": f"127.0.0.1:{gcs}", "tracking": tracking, "temps": temps, "env": env}
     finally:
@@ -123,6 +151,14 @@ def test_multi_node_rehearsal_of_the_documented_cluster_run(rehearsal, tmp_path)
     assert len(nodes) == 3
     sampler_node = next(i for i, r in nodes.items() if "sampler" in r)
     trainer_node = next(i for i, r in nodes.items() if "trainer" in r)
+
+    # Without the token or the MLflow password, nothing answers: no job can be submitted, no run read.
+    without = {k: v for k, v in c["env"].items() if k not in ("RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_PASSWORD")}
+    assert _status(f"{c['dashboard']}/api/jobs/") == 401
+    assert _status(f"{c['tracking']}/api/2.0/mlflow/experiments/search?max_results=1") == 401
+    refused = subprocess.run([str(BIN / "ray"), "job", "list", "--address", c["dashboard"]], env=without,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0, refused.stdout
 
     runtime_env = tmp_path / "runtime_env.yaml"
     runtime_env.write_text((REPO / "cluster" / "runtime_env.yaml").read_text().replace("/shared", str(shared)))

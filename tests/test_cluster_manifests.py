@@ -160,6 +160,62 @@ def test_the_rayjob_logs_to_the_shipped_mlflow_service():
     assert f"{service['metadata']['name']}:{port}" in allowed  # the Host header the Ray workers send
 
 
+def _auth_settings(launcher: dict, rayjob: dict, mlflow_docs: list[dict]) -> dict[str, bool]:
+    """Whether each manifest keeps Ray's token auth and MLflow's basic auth on, and where credentials come from."""
+    mlflow_deployment = next(d for d in mlflow_docs if d["kind"] == "Deployment")
+    deployment = mlflow_deployment["spec"]["template"]["spec"]["containers"][0]
+    def secret_env(container: dict) -> set[str]:
+        return {e["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    containers = [g["template"]["spec"]["containers"][0] for g in groups]
+    sourced = ". ~/.dpo-ray/cluster.env"
+    starts = launcher["head_start_ray_commands"][1:] + launcher["worker_start_ray_commands"][1:]
+    (server,) = [c for c in launcher["head_setup_commands"] if "mlflow server" in c]
+    return {
+        "launcher: token and credentials copied to every node": set(launcher["file_mounts"]) >= {
+            "~/.ray/auth_token", "~/.dpo-ray/cluster.env"},
+        "launcher: every ray start sources cluster.env": all(sourced in c for c in starts),
+        "launcher: mlflow server with basic auth": "--app-name basic-auth" in server and sourced in server,
+        "rayjob: token auth": cluster.get("authOptions", {}).get("mode") == "token",
+        "rayjob: MLflow credentials from the Secret": all(
+            secret_env(c) >= {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} for c in containers),
+        "rayjob: no credential in the job's config": "PASSWORD" not in rayjob["spec"]["runtimeEnvYAML"],
+        "mlflow.yaml: basic auth": "basic-auth" in deployment["command"][1:]
+        and deployment["command"][deployment["command"].index("basic-auth") - 1] == "--app-name",
+        "mlflow.yaml: admin and CSRF key from the Secret": secret_env(deployment) >= {
+            "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"},
+    }
+
+
+def _manifests() -> tuple[dict, dict, list[dict]]:
+    return (_load("gpu-cluster.yaml"), _load("rayjob.yaml"),
+            list(yaml.safe_load_all((CLUSTER / "mlflow.yaml").read_text())))
+
+
+def test_the_manifests_require_authentication():
+    # Unauthenticated, the jobs API on 8265 runs anyone's code and MLflow on 5000 serves and deletes every run.
+    settings = _auth_settings(*_manifests())
+    assert all(settings.values()), [k for k, ok in settings.items() if not ok]
+
+
+@pytest.mark.parametrize("weaken", ["launcher_mount", "rayjob_auth", "mlflow_app", "rayjob_password_inline"])
+def test_the_authentication_check_sees_a_weakened_manifest(weaken):
+    launcher, rayjob, mlflow_docs = _manifests()
+    if weaken == "launcher_mount":
+        del launcher["file_mounts"]["~/.ray/auth_token"]
+    elif weaken == "rayjob_auth":
+        del rayjob["spec"]["rayClusterSpec"]["authOptions"]
+    elif weaken == "mlflow_app":
+        deployment = next(d for d in mlflow_docs if d["kind"] == "Deployment")
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        container["command"] = [w for w in container["command"] if w not in ("--app-name", "basic-auth")]
+    else:
+        rayjob["spec"]["runtimeEnvYAML"] += "  MLFLOW_TRACKING_PASSWORD: hunter2hunter2\n"
+    assert not all(_auth_settings(launcher, rayjob, mlflow_docs).values())
+
+
 # ----------------------------------------------------------------------------- flags the manifests pass to tools
 
 def _declared_options(command) -> set[str]:

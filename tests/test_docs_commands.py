@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", REPO / "cluster" / "README.md"]
 SMALL = "--config configs/tiny.yaml data.num_train_prompts=8"
 # Blocks whose commands other tests run verbatim: the README's two commands (`make test` is what CI runs;
-# `make run` feeds tests/test_pipeline_e2e.py through ARGS).
-RUN_ELSEWHERE = {"make run": "tests/test_pipeline_e2e.py::tiny_run"}
+# `make run` feeds tests/test_pipeline_e2e.py through ARGS) and cluster/README's secrets (the cluster rehearsal).
+RUN_ELSEWHERE = {"make run": "tests/test_pipeline_e2e.py::tiny_run",
+                 "ray get-auth-token": "tests/test_cluster_job.py::rehearsal"}
 
 
 def _block(first_line_start: str) -> str:
