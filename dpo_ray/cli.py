@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -23,7 +24,7 @@ import threading
 from pathlib import Path
 
 from dpo_ray.config import PipelineConfig, load_config
-from dpo_ray.errors import find_user_error, one_line
+from dpo_ray.errors import find_user_error, one_line, tracking_store_error
 
 _STAGE_INPUTS = {
     "sample": [],
@@ -110,11 +111,15 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     command, rest = argv[0], argv[1:]
+    if not debug:
+        # MLflow logs every failed write to its SQL store with the whole traceback, once per retry and layer;
+        # the failure itself reaches the user as one line (errors.tracking_store_error), or with --debug in full.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         with _sigterm_unwinds():
             _dispatch(command, rest)
     except Exception as err:
-        problem = find_user_error(err)
+        problem = find_user_error(err) or tracking_store_error(err, f"dpo-ray {command}")
         if problem is None or debug:
             raise
         print(one_line(problem), file=sys.stderr, flush=True)

@@ -42,6 +42,42 @@ class TrainingError(UserError, RuntimeError):
     kind, exit_code = "training", 6
 
 
+# What SQLite, MLflow's default store, answers when a write cannot land: a full disk (SQLITE_FULL), or a write
+# refused by the kernel, as past a file size limit (SQLITE_IOERR).
+_SQLITE_WRITE_FAILURES = ("database or disk is full", "disk I/O error")
+
+
+def tracking_store_failure(err: BaseException) -> str | None:
+    """SQLite's message when `err`, or an exception it chains to, is the MLflow sqlite store failing to write."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [err]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        text = str(current)
+        if "sqlite3.OperationalError" in text or type(current).__module__ == "sqlite3":
+            found = next((m for m in _SQLITE_WRITE_FAILURES if m in text), None)
+            if found:
+                return found
+        pending += [current.__cause__, current.__context__]
+    return None
+
+
+def tracking_store_error(err: BaseException, doing: str) -> "StorageError | None":
+    """A one-line StorageError for a failed write to MLflow's sqlite store while `doing`, else None."""
+    import errno
+
+    failure = tracking_store_failure(err)
+    if failure is None:
+        return None
+    import mlflow
+
+    return StorageError(errno.ENOSPC, f"{doing}: the MLflow store {mlflow.get_tracking_uri()} could not be written "
+                        f"(SQLite: {failure}; the disk holding it is full or a file size limit was reached)")
+
+
 def find_user_error(err: BaseException) -> UserError | None:
     """The UserError behind `err`, looking through Ray's wrappers (RayTaskError.cause) and exception chains."""
     seen: set[int] = set()

@@ -26,7 +26,7 @@ import ray.data
 from dpo_ray import artifacts, keys
 from dpo_ray.config import (PipelineConfig, build_config, check_resources, concurrent_trainings, merge,
                              round_config)
-from dpo_ray.errors import ConfigError, StorageError
+from dpo_ray.errors import ConfigError, StorageError, tracking_store_error
 from dpo_ray.models import resolve_model
 from dpo_ray.stages import evaluate, label, reference, sample, train
 from dpo_ray.tracking import Tracker, numeric
@@ -107,10 +107,15 @@ def _disk_full_is_clear(stage: str, final: Path, tmp: Path):
     try:
         yield
     except Exception as err:
+        store = tracking_store_error(err, stage)
         # Ray re-raises a worker's OSError as a RayTaskError subclass that may lose errno but keeps the text.
-        if getattr(err, "errno", None) not in _DISK_FULL and "No space left on device" not in str(err):
+        disk_full = getattr(err, "errno", None) in _DISK_FULL or "No space left on device" in str(err)
+        if store is None and not disk_full:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
+        if store is not None:
+            raise StorageError(errno.ENOSPC, f"{store.strerror}; nothing was published and the partial output was "
+                               "removed; free space and rerun (finished stages are skipped)") from err
         free_gb = shutil.disk_usage(final.parent).free / 2**30
         raise StorageError(errno.ENOSPC, f"{stage}: disk full while writing {final} ({free_gb:.2f} GiB free now); "
                            "nothing was published and the partial output was removed; free space and rerun "
@@ -139,7 +144,7 @@ class StageRunner:
         started = time.time()
         with _disk_full_is_clear(name, final, tmp):
             if self.tracker:
-                with self.tracker.stage(name, inputs) as run_id:
+                with self.tracker.stage(name, inputs, final) as run_id:
                     stats = fn(tmp, run_id, key)
                     manifest = self._manifest(name, key, inputs, stats, started)
                     self.tracker.log_stage({**stats, "seconds": manifest["seconds"]}, tmp)

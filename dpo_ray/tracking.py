@@ -33,6 +33,9 @@ CHANGED_PARAMS_TAG = "dpo_ray.params_changed_since_first_run"
 # On every run below the parent (stages, rounds, variants): the parent's run-dir key, so a rerun finds the runs that
 # a killed driver left RUNNING.
 UNDER_KEY_TAG = "dpo_ray.under_run_dir_key"
+# On every stage run: a hash of the folder it writes, so the next run into that folder finds one its process could
+# not end (killed, or the store unwritable at the time).
+OUTPUT_KEY_TAG = "dpo_ray.output_key"
 ENDED_BY_TAG = "dpo_ray.ended_by"
 
 
@@ -119,19 +122,18 @@ class Tracker:
     def _run_key(self) -> str:
         return hashlib.sha256(str(self.cfg.run_dir).encode()).hexdigest()[:32]
 
-    def _end_orphans(self) -> None:
-        """Runs under this run dir's parent that are still RUNNING end KILLED: the driver that had them open was
-        killed without unwinding (SIGKILL, a lost node), which is why the same run dir is running again. One driver
-        per run dir is assumed, as for its stage folders."""
+    def _end_orphans(self, tag: str, key: str) -> None:
+        """Runs tagged `tag` = `key` that are still RUNNING end KILLED: the process that had them open could not end
+        them (killed without unwinding, or the store unwritable then), which is why their run dir or output folder
+        is being run again. One process per run dir and per output folder is assumed, as for the stage folders."""
         client = self.mlflow.MlflowClient()
-        orphans = self.mlflow.search_runs(
-            filter_string=f"tags.`{UNDER_KEY_TAG}` = '{self._run_key()}' and attributes.status = 'RUNNING'",
-            output_format="list", max_results=1000)
+        orphans = self.mlflow.search_runs(filter_string=f"tags.`{tag}` = '{key}' and attributes.status = 'RUNNING'",
+                                          output_format="list", max_results=1000)
         for run in orphans:
-            client.set_tag(run.info.run_id, ENDED_BY_TAG, "a rerun of its run dir: the driver running it was killed")
+            client.set_tag(run.info.run_id, ENDED_BY_TAG, "a rerun: the process running it could not end it")
             client.set_terminated(run.info.run_id, "KILLED")
         if orphans:
-            print(f"[dpo-ray] MLflow: {len(orphans)} run(s) left RUNNING by a killed driver marked KILLED",
+            print(f"[dpo-ray] MLflow: {len(orphans)} run(s) left RUNNING by an earlier process marked KILLED",
                   flush=True)
 
     @contextmanager
@@ -143,7 +145,7 @@ class Tracker:
                 self.mlflow.set_tags({RUN_DIR_TAG: str(self.cfg.run_dir), RUN_KEY_TAG: self._run_key()})
                 self.mlflow.log_params(self.params)
             else:
-                self._end_orphans()
+                self._end_orphans(UNDER_KEY_TAG, self._run_key())
                 first = run.data.params
                 changed = sorted(k for k, v in self.params.items() if first.get(k) != v)
                 self.mlflow.set_tag(CHANGED_PARAMS_TAG, ", ".join(changed)[:5000] or "none")
@@ -151,10 +153,13 @@ class Tracker:
             yield run
 
     @contextmanager
-    def stage(self, name: str, inputs: dict):
-        """A run for one stage execution, nested under the active run (the pipeline's, its round's or variant's)."""
+    def stage(self, name: str, inputs: dict, output: Path):
+        """A run for one stage execution into `output`, nested under the active run (the pipeline's, its round's or
+        variant's)."""
+        output_key = hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:32]
+        self._end_orphans(OUTPUT_KEY_TAG, output_key)
         with self.mlflow.start_run(run_name=name, nested=self.mlflow.active_run() is not None) as run:
-            self.mlflow.set_tags({"dpo_ray.stage": name, UNDER_KEY_TAG: self._run_key()})
+            self.mlflow.set_tags({"dpo_ray.stage": name, UNDER_KEY_TAG: self._run_key(), OUTPUT_KEY_TAG: output_key})
             self.mlflow.log_params(as_params(redact(inputs)))
             yield run.info.run_id
 

@@ -214,7 +214,7 @@ def test_local_store_keeps_artifacts_under_the_run_root_in_the_model_training_vi
     assert experiment.artifact_location == (root / "mlartifacts").as_uri()
     assert experiment.tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]
     with tracker.parent():
-        with tracker.stage("evaluate", {"evaluate": {"samples_per_prompt": 2}}):
+        with tracker.stage("evaluate", {"evaluate": {"samples_per_prompt": 2}}, tmp_path / "evaluate"):
             (tmp_path / "metrics.json").write_text("{}")
             mlflow.log_artifact(str(tmp_path / "metrics.json"))
     assert len(list((root / "mlartifacts").rglob("metrics.json"))) == 1
@@ -237,7 +237,7 @@ def test_trained_policy_is_logged_as_a_registered_transformers_model(tmp_path, m
     (stage / "train_summary.json").write_text("{}")
     tracker = Tracker(cfg)
     with tracker.parent():
-        with tracker.stage("train", {"train": {"beta": 0.1}}) as run_id:
+        with tracker.stage("train", {"train": {"beta": 0.1}}, stage) as run_id:
             tracker.log_stage({"steps": 3}, stage)
     (model,) = mlflow.search_logged_models(output_format="list")
     assert (model.source_run_id, model.name) == (run_id, "policy")
@@ -260,7 +260,8 @@ def test_stage_runs_carry_their_inputs_and_a_rerun_tags_what_changed(tmp_path, m
     for cfg in (first, changed):
         tracker = Tracker(cfg)
         with tracker.parent() as parent:
-            with tracker.stage("train", {"train": cfg.train.model_dump(), "reference": "abc"}) as run_id:
+            with tracker.stage("train", {"train": cfg.train.model_dump(), "reference": "abc"},
+                               tmp_path / "train") as run_id:
                 pass
         stage_params = mlflow.get_run(run_id).data.params
         assert stage_params["train.beta"] == str(cfg.train.beta) and stage_params["reference"] == "abc"

@@ -4,9 +4,12 @@ points, a full disk, a bad run root."""
 import contextlib
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,6 +101,67 @@ def test_disk_full_mid_stage_is_one_clear_error_and_leaves_nothing_that_reads_as
     # Once there is space the same call runs and publishes.
     manifest = StageRunner(cfg, None)("label", final, {"k": 1}, lambda tmp, _r, _k: {"pairs": 0})
     assert read_manifest(final)["key"] == manifest["key"]
+
+
+@pytest.mark.slow
+def test_an_unwritable_mlflow_store_is_one_line_and_the_rerun_ends_the_run_it_left(tmp_path):
+    """The default layout (MLflow's sqlite file under run.root) when the database cannot be written: the driver
+    alone runs under a file size limit of half the database's size, so SQLite's writes to its newest pages fail in
+    the kernel (EFBIG), as writes fail on a full disk, while the Ray cluster (started apart, unlimited) keeps its
+    logs and object store."""
+    import resource
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = Path(tempfile.mkdtemp(prefix="rf", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    ray_bin = Path(sys.executable).with_name("ray")
+    # Token auth off: Ray 2.60's `ray start --head` would otherwise want its token from the driver (this cluster
+    # listens on this machine only and lives for one test).
+    env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "disabled"}
+    root = tmp_path / "runs"
+    try:
+        subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}",
+                        "--include-dashboard=false"], env=env, check=True,
+                       capture_output=True, timeout=180)
+
+        def sample(out: str, limit: int | None = None) -> subprocess.CompletedProcess:
+            def limited() -> None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+            return subprocess.run([sys.executable, "-m", "dpo_ray.cli", "sample", "--config", "configs/tiny.yaml",
+                                   "--out", str(tmp_path / out), f"run.root={root}", "data.num_train_prompts=8"],
+                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                                  preexec_fn=limited if limit else None)
+
+        first = sample("first")
+        assert first.returncode == 0, first.stderr[-3000:]
+        database = root / "mlflow.db"
+        full = sample("second", limit=database.stat().st_size // 2)
+        assert full.returncode == 5, full.stdout[-2000:] + full.stderr[-3000:]
+        assert full.stderr.strip().splitlines()[-1].startswith(
+            f"dpo-ray: storage error: sample: the MLflow store sqlite:///{database} could not be written (SQLite: ")
+        assert "Traceback" not in full.stderr and "nothing was published" in full.stderr
+        assert not (tmp_path / "second").exists() and not list(tmp_path.glob(".second*"))
+
+        import mlflow
+
+        client = mlflow.tracking.MlflowClient(f"sqlite:///{database}")
+        experiment = client.get_experiment_by_name("dpo-ray").experiment_id
+        # The failed stage's run could not be ended either (the store could not be written): RUNNING for now.
+        assert sorted(r.info.status for r in client.search_runs([experiment])) == ["FINISHED", "RUNNING"]
+        again = sample("second")  # space again: the same command runs
+        assert again.returncode == 0 and read_manifest(tmp_path / "second"), again.stderr[-3000:]
+        # ... and ends the run its failed attempt left RUNNING.
+        runs = client.search_runs([experiment])
+        assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"], runs
+        assert "1 run(s) left RUNNING by an earlier process marked KILLED" in again.stdout
+    finally:
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(temp) in " ".join(proc.info["cmdline"] or []) or f"127.0.0.1:{port}" in " ".join(
+                    proc.info["cmdline"] or []):
+                proc.kill()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow
