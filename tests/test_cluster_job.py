@@ -69,11 +69,26 @@ def _documented_secrets(home: Path) -> dict[str, str]:
     return {**dict(line.split("=", 1) for line in lines), "RAY_AUTH_TOKEN_PATH": str(home / ".ray" / "auth_token")}
 
 
-def _status(url: str, data: bytes | None = None) -> int:
-    try:
-        return urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10).status
-    except urllib.error.HTTPError as err:
-        return err.code
+def _ask_cluster(env: dict, code: str):
+    """Run `code` (which sets `answer`) in a new Python process with `env`; its answer, through JSON."""
+    script = f"import json, time\nimport ray\n{code}\nprint(json.dumps(answer))"
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _status(url: str, seconds: float = 60) -> int:
+    """The HTTP status `url` answers with, once its server listens."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            return urllib.request.urlopen(url, timeout=10).status
+        except urllib.error.HTTPError as err:
+            return err.code
+        except urllib.error.URLError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
 
 
 def _wait_for(url: str, seconds: float) -> None:
@@ -94,7 +109,7 @@ def rehearsal(tmp_path, monkeypatch):
     (head_home / "mlflow").mkdir(parents=True)
     shared.mkdir()
     secrets = _documented_secrets(head_home)
-    for name, value in secrets.items():  # this process talks to the cluster and the MLflow server too
+    for name, value in secrets.items():  # this process reads the MLflow server too
         monkeypatch.setenv(name, value)
     mlflow_port, gcs, dashboard = _free_port(), _free_port(), _free_port()
     tracking = f"http://127.0.0.1:{mlflow_port}"
@@ -136,18 +151,17 @@ def rehearsal(tmp_path, monkeypatch):
 
 
 def test_multi_node_rehearsal_of_the_documented_cluster_run(rehearsal, tmp_path):
-    import ray
-
     c = rehearsal
     shared = c["shared"]
-    ray.init(address=c["gcs"])
-    try:
-        deadline = time.time() + 60
-        while len([n for n in ray.nodes() if n["Alive"]]) < 3 and time.time() < deadline:
-            time.sleep(1)
-        nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-    finally:
-        ray.shutdown()
+    # Asked from a fresh process with the nodes' environment, as a user's shell would: Ray reads RAY_AUTH_MODE and
+    # its token once per process, so this test process (which earlier tests may have used Ray in) cannot switch.
+    nodes = _ask_cluster(c["env"], f"""
+deadline = time.time() + 60
+ray.init(address="{c['gcs']}")
+while len([n for n in ray.nodes() if n["Alive"]]) < 3 and time.time() < deadline:
+    time.sleep(1)
+answer = {{n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}}
+""")
     assert len(nodes) == 3
     sampler_node = next(i for i, r in nodes.items() if "sampler" in r)
     trainer_node = next(i for i, r in nodes.items() if "trainer" in r)
@@ -173,12 +187,14 @@ def test_multi_node_rehearsal_of_the_documented_cluster_run(rehearsal, tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in proc.stdout
 
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=c["dashboard"], limit=10_000, detail=True, raise_on_missing_output=False)
+    actors = _ask_cluster(c["env"], f"""
+from ray.util.state import list_actors
+answer = [(a.class_name, a.node_id) for a in list_actors(address="{c['dashboard']}", limit=10_000, detail=True,
+                                                          raise_on_missing_output=False)]
+""")
     placed = {}
-    for actor in actors:
-        placed.setdefault(actor.class_name, set()).add(actor.node_id)
+    for class_name, node_id in actors:
+        placed.setdefault(class_name, set()).add(node_id)
     samplers = {n for name, ids in placed.items() if "Sampler" in name or "LogProbScorer" in name for n in ids}
     trainers = {n for name, ids in placed.items() if name == "RayTrainWorker" for n in ids}
     assert samplers == {sampler_node}, placed
