@@ -48,20 +48,13 @@ _SQLITE_WRITE_FAILURES = ("database or disk is full", "disk I/O error")
 
 
 def tracking_store_failure(err: BaseException) -> str | None:
-    """SQLite's message when `err`, or an exception it chains to, is the MLflow sqlite store failing to write."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [err]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+    """SQLite's message when `err`, or an exception behind it, is the MLflow sqlite store failing to write."""
+    for current in _exceptions_behind(err):
         text = str(current)
         if "sqlite3.OperationalError" in text or type(current).__module__ == "sqlite3":
             found = next((m for m in _SQLITE_WRITE_FAILURES if m in text), None)
             if found:
                 return found
-        pending += [current.__cause__, current.__context__]
     return None
 
 
@@ -78,8 +71,9 @@ def tracking_store_error(err: BaseException, doing: str) -> "StorageError | None
                         f"(SQLite: {failure}; the disk holding it is full or a file size limit was reached)")
 
 
-def find_user_error(err: BaseException) -> UserError | None:
-    """The UserError behind `err`, looking through Ray's wrappers (RayTaskError.cause) and exception chains."""
+def _exceptions_behind(err: BaseException):
+    """`err` and the exceptions behind it, nearest first: Ray's wrappers (RayTaskError.cause) are looked through,
+    then each exception's __cause__ and __context__."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [err]
     while pending:
@@ -91,10 +85,13 @@ def find_user_error(err: BaseException) -> UserError | None:
         if isinstance(cause, BaseException):
             pending.insert(0, cause)
             continue
-        if isinstance(current, UserError):
-            return current
+        yield current
         pending += [current.__cause__, current.__context__]
-    return None
+
+
+def find_user_error(err: BaseException) -> UserError | None:
+    """The UserError behind `err`, looking through Ray's wrappers (RayTaskError.cause) and exception chains."""
+    return next((e for e in _exceptions_behind(err) if isinstance(e, UserError)), None)
 
 
 def one_line(err: UserError) -> str:

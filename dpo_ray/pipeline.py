@@ -99,6 +99,8 @@ def check_writable(folder: Path, min_free_gb: float = 1.0) -> None:
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_CLEANED_UP = ("nothing was published and the partial output was removed; free space and rerun (finished stages "
+               "are skipped)")
 
 
 @contextlib.contextmanager
@@ -114,12 +116,10 @@ def _disk_full_is_clear(stage: str, final: Path, tmp: Path):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         if store is not None:
-            raise StorageError(errno.ENOSPC, f"{store.strerror}; nothing was published and the partial output was "
-                               "removed; free space and rerun (finished stages are skipped)") from err
+            raise StorageError(errno.ENOSPC, f"{store.strerror}; {_CLEANED_UP}") from err
         free_gb = shutil.disk_usage(final.parent).free / 2**30
         raise StorageError(errno.ENOSPC, f"{stage}: disk full while writing {final} ({free_gb:.2f} GiB free now); "
-                           "nothing was published and the partial output was removed; free space and rerun "
-                           "(finished stages are skipped)") from err
+                           f"{_CLEANED_UP}") from err
 
 
 class StageRunner:
