@@ -1,12 +1,13 @@
 """The compute cores on a GPU, without Ray: the check to run on the GPU machine we can borrow.
 
-    python benchmarks/gpu_check.py --out gpu_check.json            # on the GPU machine (about a minute)
+    python benchmarks/gpu_check.py --out gpu_check.json            # on the GPU machine (a few minutes)
     python benchmarks/gpu_check.py --device cpu --layers 2 --small  # what tests/test_gpu_check.py runs
+    python benchmarks/gpu_check.py --only-throughput --out f6.json  # figure 6 alone (1B train step, three sides)
 
 That machine has torch and transformers but cannot hold Ray, vLLM or model weights (../shared/FIELD_NOTES.md), so
-this imports only the Ray-free cores (dpo_ray.sampling, dpo_ray.logprobs, dpo_ray.losses) and builds a model with
-SmolLM2-135M-Instruct's architecture and random weights. In bf16 on the device, against the same work in fp32 on
-the CPU:
+this imports only the Ray-free cores (dpo_ray.sampling, dpo_ray.logprobs, dpo_ray.losses; DeepSpeed and TRL where
+they are installed, there from wheels carried in .whl/) and builds a model with SmolLM2-135M-Instruct's
+architecture and random weights. In bf16 on the device, against the same work in fp32 on the CPU:
 
 1. scorer: `shared_prompt_logps` on chosen/rejected pairs; per-sequence log-prob sums within bf16 tolerance;
 2. sampler: `sample_tokens` runs on the device; its summed log-probs agree with the scorer's rescoring of the
@@ -18,8 +19,10 @@ the CPU:
    reloads with transformers and scores the batch as the engine does; skipped with --no-deepspeed;
 5. throughput (not pass/fail): train steps of a Llama-3.2-1B-shaped model (SmolLM2's with --small), ours
    (prompt shared by both completions, log-softmax of the picked tokens only) against a plain PyTorch step as
-   TRL-style trainers take it (prompt+chosen and prompt+rejected as 2B sequences, full logits), interleaved; pair
-   tokens/s, the ratio, and MFU against the bf16 matmul rate measured in the same process;
+   TRL-style trainers take it (prompt+chosen and prompt+rejected as 2B sequences, full logits) and against TRL's
+   DPOTrainer itself (precompute_ref_log_probs=True, driven as figure 1 drives it: gpu_trl.py), interleaved; pair
+   tokens/s, the ratios, and MFU against the bf16 matmul rate measured in the same process. The TRL side is
+   reported as skipped, with the reason, where `trl` cannot be imported (or with --no-trl); the rest runs alike;
 
 and writes a JSON with the device, versions, each check's numbers and throughput. Exit code 1 if a check fails.
 """
@@ -31,17 +34,20 @@ import json
 import os
 import platform
 import socket
-import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402  benchmarks/common.py: torch and the standard library only
+import gpu_trl  # noqa: E402  imports TRL only when its side runs
 from dpo_ray.logprobs import SequenceScorer, pad_batch, shared_prompt_batch, shared_prompt_logps  # noqa: E402
 from dpo_ray.losses import dpo_objective  # noqa: E402
 from dpo_ray.sampling import sample_seed, sample_tokens  # noqa: E402
@@ -271,9 +277,11 @@ def check_throughput(args, dtype) -> dict:
     shape = SMOLLM2_135M if args.small else LLAMA_1B
     layers = args.layers if args.small else shape["num_hidden_layers"]
     prompts, completions = random_pairs(args.tp_pairs, args.tp_prompt_len, args.tp_completion_len, seed=4)
+    # Every completion ends with EOS, as a finished sample does (and as TRL's tokenization of text makes it).
+    completions = [[c[:-1] + [EOS] for c in group] for group in completions]
     batch = on_device(shared_prompt_batch(prompts, completions, PAD), args.device)
-    reference = (torch.zeros(len(prompts), device=args.device), torch.zeros(len(prompts), device=args.device))
     pair_tokens = sum(2 * len(p) + len(c) + len(r) for p, (c, r) in zip(prompts, completions))
+    rounds = args.tp_warmup + args.tp_steps
 
     def side(score):
         model = build_model(layers, dtype, args.device, shape=shape).train()
@@ -286,31 +294,91 @@ def check_throughput(args, dtype) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            return out.loss.detach(), pair_tokens
         return model, step
 
     ours_model, ours = side(lambda m: shared_prompt_logps(m, **batch))
+    # Reference log-probs: the initial policy's (every side starts from the same weights), so each side's first
+    # loss is log 2 and the sides' losses can be compared step by step. Not timed, as TRL's precompute is not.
+    with torch.inference_mode():
+        initial, _ = shared_prompt_logps(ours_model, **batch)
+    reference = (initial[0::2].clone(), initial[1::2].clone())
     peer_model, peer = side(lambda m: plain_pair_logps(m, prompts, completions))
     parameters = sum(p.numel() for p in ours_model.parameters())
-    times = {"ours": [], "plain_pytorch": []}
-    for round_ in range(args.tp_warmup + args.tp_steps):
-        for name, step in (("ours", ours), ("plain_pytorch", peer)):
-            _, seconds = timed(step, args.device)
+    steps = {"ours": ours, "plain_pytorch": peer}
+    trl_result, trl_tmp = _trl_side(args, dtype, layers, shape, prompts, completions, rounds, initial)
+    if "step" in trl_result:
+        steps["trl_precompute"] = trl_result.pop("step")
+    times = {name: [] for name in steps}
+    losses = {name: [] for name in steps}
+    for round_ in range(rounds):
+        for name, step in list(steps.items()):
+            try:
+                (loss, tokens, *shape_), seconds = timed(step, args.device)
+            except Exception as e:  # the TRL side only: ours and the plain step must not fail
+                if name != "trl_precompute":
+                    raise
+                trl_result.update(error=f"step {round_}: {type(e).__name__}: {e}".splitlines()[0],
+                                  traceback=traceback.format_exc()[-3000:])
+                del steps[name], times[name], losses[name]
+                continue
+            losses[name].append(float(loss))
+            if name == "trl_precompute":  # its collator's non-padding tokens: the same pairs as ours
+                trl_result.update(tokens_per_step=tokens, same_tokens_as_ours=tokens == pair_tokens,
+                                  batch_shape=shape_[0])
             if round_ >= args.tp_warmup:
                 times[name].append(seconds)
+    if trl_tmp is not None:
+        trl_tmp.cleanup()
     peak = matmul_tflops(args.device, dtype, 8192 if args.device == "cuda" else 1024)
     result = {"shape": "SmolLM2-135M" if args.small else "Llama-3.2-1B", "layers": layers, "parameters": parameters,
               "pairs_per_step": len(prompts), "pair_tokens_per_step": pair_tokens,
-              "matmul_tflops": peak, "steps_timed": args.tp_steps}
+              "matmul_tflops": peak, "warmup_rounds": args.tp_warmup, "steps_timed": args.tp_steps,
+              "order": list(steps)}
     for name, seconds in times.items():
-        per_step = statistics.median(seconds)
+        stats = common.summarize(seconds, 0)
+        per_step = stats["median_s"]
         result[name] = {"seconds_per_step": per_step, "pair_tokens_per_s": pair_tokens / per_step,
-                        "mfu": 6 * parameters * pair_tokens / per_step / (peak * 1e12)}
+                        "mfu": 6 * parameters * pair_tokens / per_step / (peak * 1e12),
+                        "min_s": stats["min_s"], "max_s": stats["max_s"], "timed_s": stats["all_s"],
+                        "losses": losses[name]}
+    result["trl_precompute"] = {**trl_result, **result.get("trl_precompute", {})}
     result["ours_over_plain_pytorch"] = (result["ours"]["pair_tokens_per_s"]
                                          / result["plain_pytorch"]["pair_tokens_per_s"])
+    if "pair_tokens_per_s" in result["trl_precompute"]:
+        result["ours_over_trl_precompute"] = (result["ours"]["pair_tokens_per_s"]
+                                              / result["trl_precompute"]["pair_tokens_per_s"])
     if args.device == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del ours_model, peer_model
-    return {"ok": True, "ran_on": args.device, **result}
+    # A TRL side that imports but then fails is a finding, not a skip: the check says so (the rest is kept).
+    return {"ok": "error" not in trl_result, "ran_on": args.device, **result}
+
+
+def _trl_side(args, dtype, layers, shape, prompts, completions, rounds, ours_reference) -> tuple[dict, object]:
+    """Figure 6's third side: TRL's DPOTrainer (gpu_trl.py) on its own copy of the model; ({"step": fn, ...} or
+    {"skipped": True, "reason": ...} or {"error": ...}, the temp folder to remove after the steps or None)."""
+    if args.no_trl:
+        return {"skipped": True, "reason": "--no-trl"}, None
+    reason = gpu_trl.unavailable()
+    found = {"versions": gpu_trl.versions(), "requirements_unmet": gpu_trl.unmet_requirements()}
+    if reason is not None:
+        return {"skipped": True, "reason": f"trl cannot be imported: {reason}", **found}, None
+    out = {"skipped": False, **found}
+    tmp = tempfile.TemporaryDirectory()
+    try:
+        model = build_model(layers, dtype, args.device, shape=shape).train()
+        step, info = gpu_trl.trl_side(model, prompts, completions, 0.1, 1e-6, args.device, rounds, tmp.name)
+    except Exception as e:
+        tmp.cleanup()
+        return {**out, "error": f"setup: {type(e).__name__}: {e}".splitlines()[0],
+                "traceback": traceback.format_exc()[-3000:]}, None
+    theirs = torch.tensor([x for pair in zip(info.pop("ref_chosen_logps"), info.pop("ref_rejected_logps"))
+                           for x in pair])
+    # TRL's precomputed reference log-probs against our scorer's on the same initial weights: the same tokens
+    # scored by two implementations (bf16), so equal within bf16 tolerance.
+    out.update(info, reference_logps_max_relative_error=relative_error(theirs, ours_reference), step=step)
+    return out, tmp
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="short sequences and few rows (a CPU smoke run)")
     p.add_argument("--out", default="gpu_check.json")
     p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed engine checks")
+    p.add_argument("--no-trl", action="store_true", help="leave TRL's DPOTrainer out of the throughput")
+    p.add_argument("--only-throughput", action="store_true",
+                   help="run the throughput (figure 6) alone, not the scorer/sampler/train/DeepSpeed checks")
     args = p.parse_args(argv)
     scale = 1 if args.small else 8
     args.pairs, args.prompts, args.train_pairs, args.n = 4 * scale, 2 * scale, 2 * scale, 4
@@ -334,15 +405,17 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     started = time.time()
-    reference_cpu = build_model(args.layers, torch.float32, "cpu").eval()
-    model = build_model(args.layers, dtype, args.device).eval()
-    checks = {"scorer": check_scorer(args, reference_cpu, model), "sampler": check_sampler(args, model)}
-    del model, reference_cpu
-    checks["train_step"] = check_train_step(args, dtype)
-    if not args.no_deepspeed:
-        for stage in (2, 3):
-            checks[f"deepspeed_zero{stage}"] = check_deepspeed(args, stage,
-                                                               checks["train_step"]["cpu_fp32_first_loss"])
+    checks = {}
+    if not args.only_throughput:
+        reference_cpu = build_model(args.layers, torch.float32, "cpu").eval()
+        model = build_model(args.layers, dtype, args.device).eval()
+        checks = {"scorer": check_scorer(args, reference_cpu, model), "sampler": check_sampler(args, model)}
+        del model, reference_cpu
+        checks["train_step"] = check_train_step(args, dtype)
+        if not args.no_deepspeed:
+            for stage in (2, 3):
+                checks[f"deepspeed_zero{stage}"] = check_deepspeed(args, stage,
+                                                                   checks["train_step"]["cpu_fp32_first_loss"])
     checks["throughput"] = check_throughput(args, dtype)
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",

@@ -1,7 +1,9 @@
 """benchmarks/gpu_check.py, the check for the GPU machine that cannot hold Ray: it must run with `ray` impossible
 to import. Here it runs on the CPU (bf16 against fp32), small; on the GPU machine the same script runs full size."""
 
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,8 +12,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# `import ray` raises ImportError inside the script, as on a machine without Ray.
-WITHOUT_RAY = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = ['gpu_check.py', *sys.argv[1:]]; "
+# `import ray` (and each module named in GPU_CHECK_BLOCK) raises ImportError inside the script, as on a machine
+# without Ray.
+WITHOUT_RAY = ("import os, runpy, sys; sys.modules['ray'] = None; "
+               "sys.modules.update(dict.fromkeys(filter(None, os.environ.get('GPU_CHECK_BLOCK', '').split(',')))); "
+               "sys.argv = ['gpu_check.py', *sys.argv[1:]]; "
                "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
 
 
@@ -22,7 +27,9 @@ def _gpu_check(*args: str, env: dict | None = None) -> subprocess.CompletedProce
 
 def test_gpu_check_runs_without_ray_and_reports_each_core(tmp_path):
     out = tmp_path / "gpu_check.json"
-    proc = _gpu_check("--device", "cpu", "--layers", "2", "--small", "--no-deepspeed", "--out", str(out))
+    # TRL made unimportable too, whether or not this environment has it: its side is then skipped, with the reason.
+    proc = _gpu_check("--device", "cpu", "--layers", "2", "--small", "--no-deepspeed", "--out", str(out),
+                      env={"GPU_CHECK_BLOCK": "trl"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["ok"] and set(report["checks"]) == {"scorer", "sampler", "train_step", "throughput"}
@@ -33,6 +40,55 @@ def test_gpu_check_runs_without_ray_and_reports_each_core(tmp_path):
     assert 0 < train["grad_norm_relative_error"] <= train["tolerances"][1]  # bf16 differs from fp32, a little
     throughput = report["checks"]["throughput"]
     assert throughput["ours_over_plain_pytorch"] > 0 and 0 < throughput["ours"]["mfu"]
+    assert throughput["trl_precompute"]["skipped"] and "ours_over_trl_precompute" not in throughput
+    assert throughput["trl_precompute"]["reason"].startswith("trl cannot be imported: ")
+
+
+@pytest.fixture(scope="module")
+def trl_path(tmp_path_factory) -> str:
+    """A folder to put on PYTHONPATH so that `import trl` works: empty where this environment has TRL; else TRL
+    (figure 1's version, without its dependencies, which the project's own dependencies cover) installed into a
+    temp folder, never into the environment: from .whl/ where the GPU wheels were built, else from the index."""
+    if importlib.util.find_spec("trl") is not None:
+        return ""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_trl import TRL_VERSION
+
+    target = tmp_path_factory.mktemp("trl")
+    links = ["--find-links", str(REPO / ".whl")] if (REPO / ".whl").is_dir() else []
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--only-binary=:all:",
+                           "--target", str(target), *links, f"trl=={TRL_VERSION}"],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        pytest.skip(f"trl is not installed in this environment and pip could not install trl=={TRL_VERSION} "
+                    f"into a temp folder: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    return str(target)
+
+
+@pytest.mark.slow
+def test_gpu_check_trl_side_trains_on_the_same_tokens_as_ours(tmp_path, trl_path):
+    # Figure 6's third side: TRL's DPOTrainer (precompute_ref_log_probs=True) on its own copy of the same weights,
+    # fed the same pairs through its own collator, interleaved with ours and the plain step.
+    out = tmp_path / "gpu_check.json"
+    python_path = os.pathsep.join(filter(None, [trl_path, os.environ.get("PYTHONPATH", "")]))
+    proc = _gpu_check("--device", "cpu", "--layers", "2", "--small", "--only-throughput", "--out", str(out),
+                      env={"PYTHONPATH": python_path})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    throughput = json.loads(out.read_text())["checks"]["throughput"]
+    assert throughput["ok"] and throughput["order"] == ["ours", "plain_pytorch", "trl_precompute"]
+    trl = throughput["trl_precompute"]
+    assert not trl["skipped"] and "error" not in trl, trl
+    assert trl["versions"]["trl"] and trl["device"] == "cpu"
+    # TRL's own tokenization of its dataset gave our ids, its collator the same non-padding tokens per step, and
+    # its precomputed reference log-probs are our scorer's on the same initial weights (bf16, two implementations).
+    assert trl["same_ids_as_ours"] and trl["same_tokens_as_ours"]
+    assert trl["tokens_per_step"] == throughput["pair_tokens_per_step"]
+    assert trl["reference_logps_max_relative_error"] <= 0.02
+    for side in ("ours", "plain_pytorch", "trl_precompute"):
+        result = throughput[side]
+        assert result["losses"][0] == pytest.approx(math.log(2), abs=1e-3), side  # reference = initial policy
+        assert len(result["timed_s"]) == throughput["steps_timed"] and result["mfu"] > 0, side
+    assert throughput["ours_over_trl_precompute"] > 0
 
 
 @pytest.mark.slow
