@@ -83,7 +83,7 @@ def main() -> None:
 
     from dpo_ray import schemas
     from dpo_ray.config import load_config
-    from dpo_ray.pipeline import init_ray
+    from dpo_ray.cluster import init_ray
 
     common.set_threads(args.threads)
     sides = args.sides.split(",")
@@ -101,13 +101,13 @@ def main() -> None:
     if cfg.reference.num_actors != 1:
         common.log(f"note: reference.num_actors={cfg.reference.num_actors}")
 
-    from dpo_ray.stages.reference import LogProbScorer
+    from dpo_ray.ops.scorers import LogProbScorer, ScorerSpec
 
     table = schemas.rows_to_table(pairs, schemas.PAIRS)
     start = time.perf_counter()
     model = common.load_model(path)
     load_s = time.perf_counter() - start
-    scorer = LogProbScorer(cfg.model_dump(mode="json"), path, COLUMNS) if "scorer" in sides else None
+    scorer = LogProbScorer(ScorerSpec.of(cfg, path, COLUMNS)) if "scorer" in sides else None
     common.log(f"{len(pairs)} pairs, {tokens} tokens, reference.batch_size {cfg.reference.batch_size}; "
                f"bare model load {load_s:.1f}s; load {common.load_average()}")
     if "ray" in sides or "ray_v2" in sides:
@@ -118,6 +118,7 @@ def main() -> None:
         init_ray(cfg)  # the cluster is up; this applies the pipeline's own Ray Data settings and resource check
         common.log(f"ray.init {time.perf_counter() - start:.1f}s (not counted)")
 
+    from dpo_ray.runner import StageContext
     from dpo_ray.stages.reference import run
 
     times = {s: [] for s in sides}
@@ -132,7 +133,7 @@ def main() -> None:
                     context = ray.data.DataContext.get_current()
                     chosen_reader, context.use_datasource_v2 = context.use_datasource_v2, side == "ray_v2"
                     try:
-                        stats = run(cfg, str(pairs_dir), str(out_dir))
+                        stats = run(StageContext(cfg, out_dir, {"pairs": pairs_dir}))
                     finally:
                         context.use_datasource_v2 = chosen_reader
                     elapsed = time.perf_counter() - start

@@ -37,7 +37,7 @@ def main() -> None:
     from transformers import GenerationConfig
 
     from dpo_ray.logprobs import pad_batch
-    from dpo_ray.stages.sample import sample_seed, sample_tokens
+    from dpo_ray.sampling import sample_seed, sample_tokens
 
     common.set_threads(args.threads)
     tokenizer, path = common.load_tokenizer_and_path()

@@ -44,11 +44,11 @@ def reference_logps(path: str, pairs: list[dict]) -> tuple[list[float], list[flo
 
     from dpo_ray import schemas
     from dpo_ray.config import load_config
-    from dpo_ray.stages.reference import LogProbScorer
+    from dpo_ray.ops.scorers import LogProbScorer, ScorerSpec
 
     cfg = load_config(common.ROOT / "configs" / "default.yaml", [f"model.policy={path}"])
-    scorer = LogProbScorer(cfg.model_dump(mode="json"), path,
-                           {"chosen_ids": "ref_chosen_logps", "rejected_ids": "ref_rejected_logps"})
+    scorer = LogProbScorer(ScorerSpec.of(cfg, path, {"chosen_ids": "ref_chosen_logps",
+                                                     "rejected_ids": "ref_rejected_logps"}))
     table = scorer(schemas.rows_to_table(pairs, schemas.PAIRS))
     del scorer
     return table["ref_chosen_logps"].to_pylist(), table["ref_rejected_logps"].to_pylist()

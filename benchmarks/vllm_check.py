@@ -92,7 +92,7 @@ def run_sampling(prompts, cfg, model: str, seed: int, timing_log: str, label: st
     import pyarrow as pa
     import ray
 
-    from dpo_ray.stages import sample as sample_mod
+    from dpo_ray.ops import samplers as sample_mod
 
     attr = "VLLMSampler" if cfg.sample.backend == "vllm" else "TransformersSampler"
     original = getattr(sample_mod, attr)

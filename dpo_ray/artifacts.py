@@ -30,20 +30,68 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def folder_digest(folder: str | Path) -> str:
-    """Hash of the data files' bytes under a folder. Other files (model weights, which may be many GB) count by
-    name, size and modification time, as models.model_fingerprint counts them: a policy retrained in place has
-    the same size but not the same mtime."""
-    h = hashlib.sha256()
-    root = Path(folder)
+def _file_records(root: Path, hash_data: bool = True) -> list[tuple[str, str, str]]:
+    """(path relative to root, what the digest hashes, size:mtime stamp) of every file under root but the manifest.
+    Data files count by their bytes; others (model weights, which may be many GB) by name, size and modification
+    time, as models.model_fingerprint counts them: a policy retrained in place has the same size but not the same
+    mtime. Without `hash_data` only the stamps are worth anything."""
+    records = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
-        rel = path.relative_to(root).as_posix()
-        if path.suffix in _DIGESTED:
-            h.update(f"{rel}:{file_digest(path)}".encode())
-        else:
-            stat = path.stat()
-            h.update(f"{rel}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        stat = path.stat()
+        stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        records.append((path.relative_to(root).as_posix(), file_digest(path) if hash_data and path.suffix in _DIGESTED else stamp,
+                        stamp))
+    return records
+
+
+def _hash(lines) -> str:
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode())
     return h.hexdigest()
+
+
+def folder_digest(folder: str | Path) -> str:
+    """Hash of the data files' bytes under a folder, and of the other files' names, sizes and mtimes."""
+    return _hash(f"{rel}:{token}" for rel, token, _ in _file_records(Path(folder)))
+
+
+def _stamp(records) -> str:
+    return _hash(f"{rel}:{stamp}" for rel, _, stamp in records)
+
+
+def _entry_digests(root: Path) -> dict[str, dict]:
+    """For the folder ('.') and each entry in it: the digest `keys.digest` would compute for it, and the stamp
+    (names, sizes, mtimes) under which that digest stays valid."""
+    records = _file_records(root)
+    entries = {".": {"digest": _hash(f"{rel}:{token}" for rel, token, _ in records), "stamp": _stamp(records)}}
+    for child in sorted(p for p in root.iterdir() if p.name != MANIFEST):
+        if child.is_file():
+            rel, token, stamp = next(r for r in records if r[0] == child.name)
+            mine = [("", token, stamp)]
+            digest = token if child.suffix in _DIGESTED else file_digest(child)
+        else:
+            prefix = f"{child.name}/"
+            mine = [(rel.removeprefix(prefix), token, stamp) for rel, token, stamp in records if rel.startswith(prefix)]
+            digest = _hash(f"{rel}:{token}" for rel, token, _ in mine)
+        entries[child.name] = {"digest": digest, "stamp": _stamp(mine)}
+    return entries
+
+
+def recorded_digest(path: Path) -> str | None:
+    """The digest a published stage's manifest records for `path` (the stage folder or an entry in it), if the
+    files there still have the names, sizes and mtimes they had when it was published; else None."""
+    for folder, name in ((path, "."), (path.parent, path.name)):
+        entry = ((read_manifest(folder) or {}).get("digests") or {}).get(name)
+        if entry:
+            records = _file_records(path, hash_data=False) if path.is_dir() else _single_file_record(path)
+            return entry["digest"] if entry["stamp"] == _stamp(records) else None
+    return None
+
+
+def _single_file_record(path: Path) -> list[tuple[str, str, str]]:
+    stat = path.stat()
+    return [("", "", f"{stat.st_size}:{stat.st_mtime_ns}")]
 
 
 def read_manifest(folder: str | Path) -> dict | None:
@@ -72,7 +120,9 @@ def partial_dir(final: Path) -> Path:
 
 def publish(tmp: Path, final: Path, manifest: dict) -> dict:
     """Write the manifest into tmp, then swap tmp into place (the old output, if any, is removed)."""
-    manifest = {**manifest, "output_digest": folder_digest(tmp), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    digests = _entry_digests(tmp)
+    manifest = {**manifest, "output_digest": digests["."]["digest"], "digests": digests,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json_atomic(tmp / MANIFEST, manifest)
     if final.exists():
         stale = final.with_name(f".{final.name}.stale")

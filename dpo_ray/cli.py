@@ -23,16 +23,18 @@ import sys
 import threading
 from pathlib import Path
 
+from dpo_ray import artifacts
+from dpo_ray.cluster import check_run_root, init_ray
 from dpo_ray.config import PipelineConfig, load_config
 from dpo_ray.errors import find_user_error, one_line, tracking_store_error
+from dpo_ray.pipeline import run_frontier, run_pipeline
+from dpo_ray.runner import StageRunner
+from dpo_ray.stages import evaluate, label, reference, sample, train
+from dpo_ray.tracking import Tracker
 
-_STAGE_INPUTS = {
-    "sample": [],
-    "label": ["completions"],
-    "reference": ["pairs"],
-    "train": ["reference"],
-    "evaluate": ["prompts", "policy"],
-}
+log = logging.getLogger(__name__)
+
+STAGES = {"sample": sample, "label": label, "reference": reference, "train": train, "evaluate": evaluate}
 
 
 def _parser(stage: str | None) -> argparse.ArgumentParser:
@@ -42,8 +44,8 @@ def _parser(stage: str | None) -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.beta=0.2")
     if stage:
         parser.add_argument("--out", required=True, help="output folder (written atomically)")
-        for name in _STAGE_INPUTS[stage]:
-            parser.add_argument(f"--{name}", required=not (stage == "label" and name == "completions"))
+        for name, required in STAGES[stage].SOURCES.items():
+            parser.add_argument(f"--{name}", required=required)
     return parser
 
 
@@ -52,37 +54,15 @@ def _load(args) -> PipelineConfig:
 
 
 def stage_main(stage: str, argv: list[str] | None = None) -> None:
-    from dpo_ray import artifacts, keys
-    from dpo_ray.pipeline import StageRunner, check_run_root, init_ray
-    from dpo_ray.stages import evaluate, label, reference, sample, train
-    from dpo_ray.tracking import Tracker
-
+    """One stage on explicit paths, keyed and published exactly as `dpo-ray run` runs it (runner.StageRunner)."""
     args = _parser(stage).parse_intermixed_args(argv)
     cfg = _load(args)
     check_run_root(cfg)
     init_ray(cfg)
     out = Path(args.out).resolve()
-    runs = {
-        "sample": lambda tmp, run_id, key: sample.run(cfg, str(tmp)),
-        "label": lambda tmp, run_id, key: (label.run(cfg, args.completions, str(tmp)) if args.completions
-                                           else label.import_preferences(cfg, str(tmp))),
-        "reference": lambda tmp, run_id, key: reference.run(cfg, args.pairs, str(tmp)),
-        "train": lambda tmp, run_id, key: train.run(cfg, args.reference, str(tmp), key, run_id),
-        "evaluate": lambda tmp, run_id, key: evaluate.run(cfg, args.prompts, args.policy, str(tmp)),
-    }
-    # Keyed on the inputs' contents, as `dpo-ray run` keys its stages: a rerun after the input changed recomputes.
-    digest = {name: keys.source_digest(getattr(args, name), f"--{name}")
-              for name in _STAGE_INPUTS[stage] if getattr(args, name)}
-    inputs = {
-        "sample": lambda: keys.sample(cfg),
-        "label": lambda: (keys.label(cfg, digest["completions"]) if args.completions
-                          else keys.import_preferences(cfg)),
-        "reference": lambda: keys.reference(cfg, digest["pairs"]),
-        "train": lambda: keys.train(cfg, digest["reference"]),
-        "evaluate": lambda: keys.evaluate(cfg, digest["policy"], cfg.reference_model, digest["prompts"]),
-    }[stage]()
-    manifest = StageRunner(cfg, Tracker(cfg))(stage, out, inputs, runs[stage])
-    print(f"[dpo-ray] {stage} output: {out} ({artifacts.MANIFEST}: {manifest['key'][:12]})")
+    sources = {name: Path(getattr(args, name)) for name in STAGES[stage].SOURCES if getattr(args, name)}
+    manifest = StageRunner(Tracker(cfg))(STAGES[stage], cfg, out, sources)
+    log.info(f"{stage} output: {out} ({artifacts.MANIFEST}: {manifest['key'][:12]})")
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -94,11 +74,6 @@ def script_main(command: str, default_config: Path = DEFAULT_CONFIG) -> None:
     if "--config" not in args:
         args = ["--config", str(default_config), *args]
     main([command, *args])
-
-
-def stage_entry(stage: str, argv: list[str] | None = None) -> None:
-    """`python -m dpo_ray.stages.<stage>`: the same command, errors reported the same way, as `dpo-ray <stage>`."""
-    main([stage, *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,13 +124,11 @@ def _sigterm_unwinds():
 
 def _dispatch(command: str, rest: list[str]) -> None:
     if command in ("run", "frontier"):
-        from dpo_ray.pipeline import run_frontier, run_pipeline
-
         (run_pipeline if command == "run" else run_frontier)(_load(_parser(None).parse_intermixed_args(rest)))
-    elif command in _STAGE_INPUTS:
+    elif command in STAGES:
         stage_main(command, rest)
     else:
-        sys.exit(f"dpo-ray: unknown command {command!r}; expected run, frontier or one of {', '.join(_STAGE_INPUTS)}")
+        sys.exit(f"dpo-ray: unknown command {command!r}; expected run, frontier or one of {', '.join(STAGES)}")
 
 
 if __name__ == "__main__":

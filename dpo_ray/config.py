@@ -16,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpo_ray.errors import ConfigError
+from dpo_ray.losses import LossType
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 BUILTIN_TINY = "builtin:tiny-llama"
@@ -156,7 +157,7 @@ class ReferenceConfig(_ActorPool):
 
 
 class TrainConfig(_Section):
-    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    loss: LossType = "sigmoid"
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     # Weight of the NLL term on chosen completions (RPO); 0 disables it.
@@ -202,6 +203,9 @@ class EvaluateConfig(_Section):
     # Temperature 1 samples the policy itself, which the Monte-Carlo KL estimate assumes.
     temperature: float = Field(1.0, gt=0)
     num_examples: int = Field(8, ge=0)
+    # The model the policy is judged against; None: the reference model. Rounds after the first set it to the
+    # initial reference, so every round is judged against the same model whatever it trains against.
+    baseline: str | None = None
 
 
 class RoundsConfig(_Section):
@@ -220,7 +224,7 @@ class FrontierConfig(_Section):
     """pipelines/frontier.py: one policy per (loss, beta) on the same pairs and reference log-probs."""
 
     betas: list[float] = [0.05, 0.1, 0.5]
-    losses: list[Literal["sigmoid", "ipo", "hinge"]] = ["sigmoid", "ipo"]
+    losses: list[LossType] = ["sigmoid", "ipo"]
     # Ray Train runs at once; 0: as many as the cluster's CPUs and GPUs hold (see concurrent_trainings).
     max_concurrent: int = Field(0, ge=0)
 
@@ -271,6 +275,10 @@ class PipelineConfig(_Section):
     @property
     def reference_model(self) -> str:
         return self.model.reference or self.model.policy
+
+    @property
+    def baseline_model(self) -> str:
+        return self.evaluate.baseline or self.reference_model
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -337,6 +345,7 @@ def build_config(tree: dict) -> PipelineConfig:
 def _round_tree(cfg: PipelineConfig, k: int, previous_policy: str | None) -> dict:
     tree = merge(cfg.model_dump(mode="json"), cfg.rounds.overrides.get(k, {}))
     tree["rounds"] = RoundsConfig().model_dump(mode="json")
+    tree["evaluate"]["baseline"] = cfg.evaluate.baseline or cfg.reference_model
     if previous_policy is not None:
         tree["model"]["reference"] = cfg.reference_model if cfg.rounds.reference == "initial" else previous_policy
         tree["model"]["policy"] = previous_policy

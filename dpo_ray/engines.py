@@ -1,23 +1,17 @@
 """The two training engines, Ray-free: how a worker's gradients are reduced, stepped and checkpointed.
 
-`DDPEngine` (torch DDP; gloo on CPU, NCCL on GPU) and `DeepSpeedEngine` (DeepSpeed ZeRO-2/3) share one interface,
-which the train stage's worker loop uses and nothing else:
-
-    engine.model               the module to call (SequenceScorer, wrapped for the strategy)
-    engine.no_sync(skip)       context for one micro-batch's backward; skip=True defers gradient reduction
-    engine.backward(loss)      accumulate gradients of one micro-batch
-    engine.step()              end of an optimizer step -> (global grad norm, whether the step was applied)
-    engine.lr()                learning rate after the step
-    engine.save(path, rank, tokenizer) / engine.load(path)
-
-Nothing here imports Ray, so the GPU check (benchmarks/gpu_check.py) runs these engines on a machine without it.
+`DDPEngine` (torch DDP; gloo on CPU, NCCL on GPU) and `DeepSpeedEngine` (DeepSpeed ZeRO-2/3) implement `TrainEngine`,
+the one interface the train stage's worker loop uses. Nothing here imports Ray, so the GPU check
+(benchmarks/gpu_check.py) runs these engines on a machine without it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -39,6 +33,41 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimi
 def warmup_schedule(t: TrainConfig):
     # Linear warm-up to lr, then constant, as in the DPO paper.
     return lambda step: min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+
+
+class TrainEngine(Protocol):
+    """A worker's model, optimizer and learning-rate schedule behind one strategy. An optimizer step is
+
+        for each micro-batch:
+            with engine.no_sync(skip=it is not the step's last):
+                engine.backward(loss of a forward through engine.model)
+        grad_norm, stepped = engine.step()
+
+    and only `step()` changes the weights, the optimizer state and the learning rate.
+    """
+
+    model: torch.nn.Module
+    """The module to call: the `SequenceScorer`, wrapped for the strategy."""
+
+    def no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward and backward. skip=True: more micro-batches of this step follow,
+        so reducing gradients across workers can wait for the last. A backward outside it ends an accumulation."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of one micro-batch's loss, already weighted by its share of the step."""
+
+    def step(self) -> tuple[float, bool]:
+        """Clip to train.max_grad_norm, step the optimizer and the schedule, clear the gradients: (the global grad
+        norm before clipping, whether the step counts as applied: not when that norm is not finite)."""
+
+    def lr(self) -> float:
+        """The learning rate after the last step."""
+
+    def save(self, path: Path, rank: int, tokenizer) -> None:
+        """Called on every rank: the policy as a safetensors folder in path/POLICY_DIR, and what `load` resumes."""
+
+    def load(self, path: Path) -> None:
+        """Weights, optimizer and schedule from a folder `save` wrote."""
 
 
 class DDPEngine:
@@ -108,19 +137,27 @@ class DeepSpeedEngine:
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=scorer, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         self.raw = self.model.module.lm
+        # The loop says where a step's micro-batches end (no_sync), not DeepSpeed's count of them: outside no_sync
+        # every backward ends an accumulation, as for DDP.
+        self.model.set_gradient_accumulation_boundary(True)
 
-    def no_sync(self, skip: bool):
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def no_sync(self, skip: bool) -> Iterator[None]:
+        # ZeRO-2/3 reduce gradients in every backward, and the boundary's backward also hands them to the
+        # optimizer's partitions for step(): the flag must be right before the step's last backward.
+        self.model.set_gradient_accumulation_boundary(not skip)
+        try:
+            yield
+        finally:
+            self.model.set_gradient_accumulation_boundary(True)
 
     def backward(self, loss):
         # DeepSpeed divides by gradient_accumulation_steps itself; the loop already weighted each micro-batch.
         self.model.backward(loss * self.model.gradient_accumulation_steps(), scale_wrt_gas=True)
-        # DeepSpeed's step() counts micro-batches and applies the optimizer only at the accumulation boundary,
-        # so it belongs after every backward.
-        self.model.step()
 
     def step(self) -> tuple[float, bool]:
-        # The optimizer step already happened in the last backward (at the boundary); report what it saw.
+        # At the boundary DeepSpeed's step clips to gradient_clipping, steps the optimizer and the lr scheduler.
+        self.model.step()
         norm = self.model.get_global_grad_norm()
         if norm is None:
             return float("nan"), True

@@ -59,7 +59,8 @@ def _iter_raw_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | No
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    yield lineno, None, raw.decode("utf-8", "replace"), f"not valid UTF-8 ({err.reason} at byte {err.start})"
+                    yield (lineno, None, raw.decode("utf-8", "replace"),
+                           f"not valid UTF-8 ({err.reason} at byte {err.start})")
                     continue
                 if not text.strip():
                     continue
@@ -208,6 +209,62 @@ def _conversation_matches_prompt(conversation: list, prompt) -> bool:
     return [(m["role"], m["content"]) for m in turns if m["role"] != "system"] == [("user", prompt)]
 
 
+def _reply_text(value, name: str) -> tuple[str | None, str | None]:
+    """A reply given as text or as a conversation ending with the assistant's message: (its text, None), or
+    (None, the problem)."""
+    if isinstance(value, list):
+        problem = _check_messages(value, name)
+        if problem:
+            return None, problem
+        if value[-1]["role"] != "assistant":
+            return None, f"{name} must end with an assistant message"
+        value = value[-1]["content"]
+    problem = _check_text(value, name)
+    return (None, problem) if problem else (value, None)
+
+
+def _shared_conversation_turns(chosen: list, rejected: list) -> tuple[list | None, tuple[str, str] | None]:
+    """Whole conversations without a prompt column: (the turns before their final replies, which both must share,
+    None), or (None, (field, problem))."""
+    for name, conversation in (("chosen", chosen), ("rejected", rejected)):
+        problem = _check_messages(conversation, name)
+        if problem:
+            return None, (name, problem)
+    if chosen[:-1] != rejected[:-1]:
+        return None, ("rejected", "chosen and rejected conversations differ before their last message")
+    return chosen[:-1], None
+
+
+def _prompt_and_replies(prompt, chosen, rejected) -> tuple[tuple | None, tuple[str, str] | None]:
+    """((prompt, chosen, rejected), None) with the prompt split off whole conversations or Anthropic-HH text when
+    the row has no prompt column, else as given; or (None, (field, problem))."""
+    if prompt is None and isinstance(chosen, list) and isinstance(rejected, list):
+        prompt, bad = _shared_conversation_turns(chosen, rejected)
+        return (None, bad) if bad else ((prompt, chosen, rejected), None)
+    if prompt is None and isinstance(chosen, str) and isinstance(rejected, str):
+        split, problem = _split_hh(chosen, rejected)
+        if problem:
+            return None, ("rejected" if problem.startswith("rejected") else "chosen", problem)
+        return split, None
+    for name, conversation in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(conversation, list) and _check_messages(conversation, name) is None \
+                and not _conversation_matches_prompt(conversation, prompt):
+            return None, (name, "the conversation's turns before its reply differ from the row's prompt")
+    return (prompt, chosen, rejected), None
+
+
+def _prompt_text(prompt) -> tuple[str | None, str | None, str | None]:
+    """A preference row's prompt, text or chat: (text, messages_json or None, None), or (None, None, the problem).
+    A chat's text is its messages' contents, one per line."""
+    if isinstance(prompt, list):
+        problem = _check_messages(prompt, "prompt")
+        if problem:
+            return None, None, problem
+        return "\n".join(m["content"] for m in prompt), json.dumps(prompt), None
+    problem = _check_text(prompt, "prompt")
+    return (None, None, problem) if problem else (prompt, None, None)
+
+
 def read_preferences(path: str | Path, on_bad_rows: str = "error") -> ReadResult:
     """Rows {id, prompt, messages_json, chosen, rejected}.
 
@@ -216,17 +273,6 @@ def read_preferences(path: str | Path, on_bad_rows: str = "error") -> ReadResult
     must be that prompt); chosen/rejected as Anthropic-HH text sharing every turn up to the last 'Assistant:'.
     """
 
-    def reply_text(value, name: str):
-        if isinstance(value, list):
-            problem = _check_messages(value, name)
-            if problem:
-                return None, problem
-            if value[-1]["role"] != "assistant":
-                return None, f"{name} must end with an assistant message"
-            value = value[-1]["content"]
-        problem = _check_text(value, name)
-        return (None, problem) if problem else (value, None)
-
     def validate(record: dict, row: int):
         row_id, problem = _row_id(record, row)
         if problem:
@@ -234,41 +280,17 @@ def read_preferences(path: str | Path, on_bad_rows: str = "error") -> ReadResult
         for name in ("chosen", "rejected"):
             if name not in record:
                 return name, f"missing (got columns {sorted(record)})", None
-        chosen_raw, rejected_raw, prompt = record["chosen"], record["rejected"], record.get("prompt")
-        messages_json = None
-        if prompt is None and isinstance(chosen_raw, list) and isinstance(rejected_raw, list):
-            # Whole conversations: the prompt is every turn before the final assistant reply.
-            for name, conv in (("chosen", chosen_raw), ("rejected", rejected_raw)):
-                problem = _check_messages(conv, name)
-                if problem:
-                    return name, problem, None
-            if chosen_raw[:-1] != rejected_raw[:-1]:
-                return "rejected", "chosen and rejected conversations differ before their last message", None
-            prompt = chosen_raw[:-1]
-        elif prompt is None and isinstance(chosen_raw, str) and isinstance(rejected_raw, str):
-            split, problem = _split_hh(chosen_raw, rejected_raw)
-            if problem:
-                return "rejected" if problem.startswith("rejected") else "chosen", problem, None
-            prompt, chosen_raw, rejected_raw = split
-        else:
-            for name, conv in (("chosen", chosen_raw), ("rejected", rejected_raw)):
-                if isinstance(conv, list) and _check_messages(conv, name) is None \
-                        and not _conversation_matches_prompt(conv, prompt):
-                    return name, "the conversation's turns before its reply differ from the row's prompt", None
-        if isinstance(prompt, list):
-            problem = _check_messages(prompt, "prompt")
-            if problem:
-                return "prompt", problem, None
-            messages_json = json.dumps(prompt)
-            prompt = "\n".join(m["content"] for m in prompt)
-        else:
-            problem = _check_text(prompt, "prompt")
-            if problem:
-                return "prompt", problem, None
-        chosen, problem = reply_text(chosen_raw, "chosen")
+        parts, bad = _prompt_and_replies(record.get("prompt"), record["chosen"], record["rejected"])
+        if bad:
+            return *bad, None
+        prompt, chosen_reply, rejected_reply = parts
+        prompt, messages_json, problem = _prompt_text(prompt)
+        if problem:
+            return "prompt", problem, None
+        chosen, problem = _reply_text(chosen_reply, "chosen")
         if problem:
             return "chosen", problem, None
-        rejected, problem = reply_text(rejected_raw, "rejected")
+        rejected, problem = _reply_text(rejected_reply, "rejected")
         if problem:
             return "rejected", problem, None
         if chosen == rejected:

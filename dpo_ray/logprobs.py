@@ -1,10 +1,13 @@
 """Batching token sequences and summing a causal LM's log-probs over completion tokens only.
 
-The same `completion_logps` scores sequences in the reference pass, in training and in evaluation, so the
-reference log-probs that training subtracts come from exactly the code that computes the policy's.
+The same `shared_prompt_logps` scores sequences in the reference pass, the implicit labeler and evaluation (the
+log-prob scorer's Ray actors) and in training (through `SequenceScorer`), so the reference log-probs that training
+subtracts come from exactly the code that computes the policy's. `completion_logps` scores whole prompt+completion
+rows; `shared_prompt_logps` falls back on it for models that rescale or soft-cap their logits.
 
-Speed: the LM head (hidden x vocab, 49152 columns for SmolLM2) dominates a small model's cost, so it is applied
-only at positions that predict a completion token, and the log-softmax is never materialized over the vocabulary:
+Speed: each prompt runs once and its KV cache serves all its completions (chosen and rejected). The LM head
+(hidden x vocab, 49152 columns for SmolLM2) dominates a small model's cost, so it is applied only at positions that
+predict a completion token, and the log-softmax is never materialized over the vocabulary:
 log p(t) = logit_t - logsumexp(logits), computed in fp32 whatever the model dtype.
 """
 
@@ -21,9 +24,10 @@ def pad_batch(
     pad_id: int,
     side: str = "right",
 ) -> dict[str, torch.Tensor]:
-    """Concatenate prompt+completion per row and pad to one length.
+    """Concatenate prompt+completion per row and pad with pad_id to the longest row's length L, after the
+    tokens (side="right") or before them (side="left", as generation wants).
 
-    Returns input_ids, attention_mask and completion_mask, each (N, L); completion_mask is 1 exactly at the
+    Returns input_ids, attention_mask and completion_mask, each (N, L) int64; completion_mask is 1 exactly at the
     completion tokens, so prompt and padding never count.
     """
     if len(prompts) != len(completions):
@@ -71,9 +75,11 @@ def completion_logps(
     completion_mask: torch.Tensor,
     chunk_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log p(token | prefix) over completion tokens; inputs (N, L) -> (sums (N,) fp32, counts (N,)).
+    """Sum of log p(token | prefix) over completion tokens; inputs (N, L) as `pad_batch` makes them ->
+    (sums (N,) fp32, counts (N,) of the tokens summed). A token at position 0 has no prefix and is not scored.
 
-    Position ids follow the attention mask, so left- and right-padded batches give the same sums.
+    Position ids follow the attention mask, so left- and right-padded batches give the same sums. Models that
+    rescale or soft-cap their logits get the full logits; others only the LM head at the scored positions.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     # Token t is predicted from the hidden state at t-1.
@@ -88,7 +94,8 @@ def completion_logps(
         hidden = model.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
-        token_logps = selective_log_softmax(hidden[:, :-1][target_mask], model.get_output_embeddings(), targets, chunk_size)
+        token_logps = selective_log_softmax(hidden[:, :-1][target_mask], model.get_output_embeddings(), targets,
+                                            chunk_size)
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     sums = sums.index_add(0, rows, token_logps)
     return sums, target_mask.sum(-1)
@@ -97,7 +104,9 @@ def completion_logps(
 def shared_prompt_batch(
     prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[Sequence[int]]], pad_id: int
 ) -> dict[str, torch.Tensor]:
-    """Each prompt once (left-padded, (B, Lp)) and its k completions after it (right-padded, (B*k, Lc))."""
+    """The batch of `shared_prompt_logps`: each prompt once, left-padded, as prompt_ids and prompt_mask (B, Lp),
+    and its k completions (every prompt the same k) right-padded, prompt after prompt, as completion_ids and
+    completion_mask (B*k, Lc)."""
     ks = {len(group) for group in completions}
     if len(ks) != 1 or len(completions) != len(prompts):
         raise ValueError("every prompt needs the same number of completions")
@@ -109,8 +118,9 @@ def shared_prompt_batch(
 
 
 def prompt_attention_mask(prompt_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, Lp) left-padded prompt mask -> (B, 1, Lp, Lp) additive causal mask in which each padding position
-    attends to itself alone, and no real position attends to padding.
+    """(B, Lp) left-padded prompt mask -> (B, 1, Lp, Lp) additive causal mask of `dtype` (0 where a position may
+    attend, the dtype's minimum elsewhere) in which each padding position attends to itself alone, and no real
+    position attends to padding.
 
     With the plain 2-D mask a left-padding position attends to nothing. CUDA's attention kernels (seen with sdpa on
     an H200, torch 2.11) then give NaN gradients for such a row; its output reaches no loss term, but 0 x NaN in
@@ -133,8 +143,11 @@ def shared_prompt_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `completion_logps`, but the prompt is run once and its KV cache reused by its k completions.
 
-    prompt_ids/mask (B, Lp), completion_ids/mask (B*k, Lc) -> (sums (B*k,) fp32, counts (B*k,)). Chosen and
-    rejected share their prompt, so a pair costs prompt + 2 completions instead of 2 x (prompt + completion).
+    prompt_ids/mask (B, Lp), completion_ids/mask (B*k, Lc) as `shared_prompt_batch` makes them -> (sums (B*k,)
+    fp32, counts (B*k,) of the completion tokens, the first one predicted from the prompt's last position). Chosen
+    and rejected share their prompt, so a pair costs prompt + 2 completions instead of 2 x (prompt + completion).
+    Prompts with padding run with the 4-D mask of `prompt_attention_mask`. Models that rescale or soft-cap their
+    logits are scored by `completion_logps` on each prompt+completion instead, without the shared cache.
     """
     if _needs_full_logits(model):
         prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
@@ -162,14 +175,16 @@ def shared_prompt_logps(
     # Completion token t is predicted from the state before it: the prompt's last state for t = 0.
     predictors = torch.cat([last.unsqueeze(1), hidden[:, :-1]], dim=1)
     mask = completion_mask.bool()
-    token_logps = selective_log_softmax(predictors[mask], model.get_output_embeddings(), completion_ids[mask], chunk_size)
+    token_logps = selective_log_softmax(predictors[mask], model.get_output_embeddings(), completion_ids[mask],
+                                        chunk_size)
     rows = torch.arange(b * k, device=prompt_ids.device).unsqueeze(1).expand_as(mask)[mask]
     sums = torch.zeros(b * k, dtype=torch.float32, device=prompt_ids.device).index_add(0, rows, token_logps)
     return sums, mask.sum(-1)
 
 
 class SequenceScorer(torch.nn.Module):
-    """The policy as one module whose forward returns summed completion log-probs.
+    """The policy as one module whose forward takes the tensors of `shared_prompt_batch` and returns what
+    `shared_prompt_logps` does: summed completion log-probs and their token counts.
 
     Wrapping DDP or DeepSpeed around this (not around the bare LM) keeps gradient synchronisation and ZeRO
     parameter gathering on the path that actually computes the loss.

@@ -16,30 +16,29 @@ and the implicit rewards are β(logp - ref_logp), detached.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+# The config's train.loss and frontier.losses have this type: an unknown loss name is a config error when the
+# config is loaded, not a failure once training has started.
+LossType = Literal["sigmoid", "ipo", "hinge"]
+LOSS_TYPES = get_args(LossType)
 
 
 @dataclass
 class DPOOutput:
-    loss: torch.Tensor  # () mean over pairs, the value to backpropagate
-    losses: torch.Tensor  # (B,) per pair
-    chosen_rewards: torch.Tensor  # (B,) detached
-    rejected_rewards: torch.Tensor  # (B,) detached
+    loss: Tensor  # () mean over pairs, the value to backpropagate
+    losses: Tensor  # (B,) per pair
+    chosen_rewards: Tensor  # (B,) detached
+    rejected_rewards: Tensor  # (B,) detached
 
 
-def preference_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> DPOOutput:
+def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                    ref_rejected_logps: Tensor, beta: float, loss_type: LossType = "sigmoid",
+                    label_smoothing: float = 0.0) -> DPOOutput:
     """Per-pair preference losses and implicit rewards; all tensors (B,)."""
     z = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
     if loss_type == "sigmoid":
@@ -55,33 +54,23 @@ def preference_loss(
     return DPOOutput(losses.mean(), losses, chosen_rewards, rejected_rewards)
 
 
-def nll_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+def nll_loss(chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
     """Mean per-token negative log-likelihood of the chosen completions, the RPO term; inputs (B,)."""
     return -(chosen_logps / chosen_tokens.clamp(min=1)).mean()
 
 
-def dpo_objective(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    chosen_tokens: torch.Tensor,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    rpo_alpha: float = 0.0,
-) -> DPOOutput:
+def dpo_objective(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                  ref_rejected_logps: Tensor, chosen_tokens: Tensor, beta: float, loss_type: LossType = "sigmoid",
+                  label_smoothing: float = 0.0, rpo_alpha: float = 0.0) -> DPOOutput:
     """The preference loss plus, when rpo_alpha > 0, rpo_alpha times the NLL of the chosen completions."""
-    out = preference_loss(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-        beta, loss_type, label_smoothing,
-    )
+    out = preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                          beta, loss_type, label_smoothing)
     if rpo_alpha > 0:
         out.loss = out.loss + rpo_alpha * nll_loss(policy_chosen_logps, chosen_tokens)
     return out
 
 
-def reward_metrics(out: DPOOutput, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor) -> dict:
+def reward_metrics(out: DPOOutput, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor) -> dict:
     """The per-step metrics under the names TRL users know, averaged over the batch."""
     return {
         "loss": out.loss.item(),

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,27 +71,27 @@ def _prepare_smollm2(target: Path) -> None:
     tokenizer.save_pretrained(target)
 
 
+def tiny_llama(vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int, *, seed: int = 0,
+               **shape):
+    """A randomly initialised two-layer Llama, the same weights for the same arguments; `shape` holds its other
+    LlamaConfig fields (hidden_size, heads, ...). The built-in tiny-llama and the tests' model are both made here."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, num_hidden_layers=2, bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, **shape)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
 def _prepare_tiny(target: Path) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(BUILTIN_SMOLLM2))
     # head_dim 64: vLLM's CPU attention rejects smaller heads.
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(target, safe_serialization=True)
+    model = tiny_llama(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                       hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=64, max_position_embeddings=1024, tie_word_embeddings=True)
+    model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
 
 
@@ -173,3 +174,26 @@ def set_torch_threads(threads: int) -> None:
     (1 by default), which would leave a model actor on one core of an otherwise idle node."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(threads if threads > 0 else cores)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model-holding actor reads to load its model: built from the validated config in the driver, so an
+    actor never re-validates (or even sees) the whole config."""
+
+    path: str
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    # Threads for torch in the actor's process (0: every core it may run on; see set_torch_threads).
+    torch_threads: int = 0
+
+    @classmethod
+    def of(cls, cfg, path: str) -> "ModelSpec":
+        """`path` with the dtype, trust and thread settings of `cfg` (a PipelineConfig)."""
+        return cls(path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.run.torch_threads)
+
+    def load_causal_lm(self, device: str | torch.device = "cpu"):
+        return load_causal_lm(self.path, self.dtype, device, self.trust_remote_code)
+
+    def load_tokenizer(self):
+        return load_tokenizer(self.path, self.trust_remote_code)

@@ -8,6 +8,9 @@ from typing import Sequence
 
 @dataclass
 class PairStats:
+    """What pair building kept and dropped: per prompt from `build_pairs`, summed over prompts by the label stage
+    into its statistics."""
+
     prompts: int = 0
     completions: int = 0
     pairs: int = 0
@@ -53,32 +56,8 @@ def build_pairs(
     if filter_scores is not None and len(filter_scores) != len(scores):
         raise ValueError(f"{len(scores)} scores but {len(filter_scores)} filter scores")
     stats = PairStats(prompts=1, completions=len(texts))
-    seen: set[str] = set()
-    keep: list[int] = []
-    for i, (text, score) in enumerate(zip(texts, scores)):
-        if not _finite(score) or (filter_scores is not None and not _finite(filter_scores[i])):
-            stats.nonfinite_scores += 1
-        elif text in seen:
-            stats.identical_dropped += 1
-        else:
-            seen.add(text)
-            keep.append(i)
-
-    if mode == "best_vs_worst":
-        candidates = []
-        if len(keep) >= 2:
-            # Stable sorts: among equal scores the earliest completion wins, so results are deterministic.
-            best = max(keep, key=lambda i: scores[i])
-            worst = min(keep, key=lambda i: scores[i])
-            candidates = [(best, worst)] if best != worst else [(keep[0], keep[1])]
-    elif mode == "all_pairs":
-        candidates = []
-        for a_pos, a in enumerate(keep):
-            for b in keep[a_pos + 1 :]:
-                candidates.append((a, b) if scores[a] >= scores[b] else (b, a))
-    else:
-        raise ValueError(f"pairing mode {mode!r}: expected best_vs_worst or all_pairs")
-
+    keep = _pairable_completions(texts, scores, filter_scores, stats)
+    candidates = _candidate_pairs(keep, scores, mode)
     pairs = []
     for chosen, rejected in candidates:
         gap = scores[chosen] - scores[rejected]
@@ -93,6 +72,38 @@ def build_pairs(
     stats.pairs = len(pairs)
     stats.prompts_without_pair = int(not pairs)
     return pairs, stats
+
+
+def _pairable_completions(
+    texts: Sequence[str], scores: Sequence[float], filter_scores: Sequence[float] | None, stats: PairStats
+) -> list[int]:
+    """Indices of the completions with finite scores, each text at its first occurrence; the rest counted in
+    `stats`."""
+    seen: set[str] = set()
+    keep: list[int] = []
+    for i, (text, score) in enumerate(zip(texts, scores)):
+        if not _finite(score) or (filter_scores is not None and not _finite(filter_scores[i])):
+            stats.nonfinite_scores += 1
+        elif text in seen:
+            stats.identical_dropped += 1
+        else:
+            seen.add(text)
+            keep.append(i)
+    return keep
+
+
+def _candidate_pairs(keep: list[int], scores: Sequence[float], mode: str) -> list[tuple[int, int]]:
+    """(higher, lower)-scoring index pairs of `mode` among `keep`, before any margin or filter."""
+    if mode == "best_vs_worst":
+        if len(keep) < 2:
+            return []
+        # Stable sorts: among equal scores the earliest completion wins, so results are deterministic.
+        best = max(keep, key=lambda i: scores[i])
+        worst = min(keep, key=lambda i: scores[i])
+        return [(best, worst)] if best != worst else [(keep[0], keep[1])]
+    if mode == "all_pairs":
+        return [(a, b) if scores[a] >= scores[b] else (b, a) for a_pos, a in enumerate(keep) for b in keep[a_pos + 1 :]]
+    raise ValueError(f"pairing mode {mode!r}: expected best_vs_worst or all_pairs")
 
 
 def _finite(x: float) -> bool:

@@ -62,17 +62,7 @@ def sample_tokens(
     `seeds` holds one seed per output row (len(prompts) * n), so a row's tokens do not depend on its batch.
     """
     device = next(model.parameters()).device
-    batch = {k: t.to(device) for k, t in pad_batch(prompts, [[] for _ in prompts], pad_id, side="left").items()}
-    attention = batch["attention_mask"]
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=batch["input_ids"], attention_mask=attention, position_ids=positions,
-                use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-    logits = out.logits[:, -1].repeat_interleave(n, dim=0)
-    attention = attention.repeat_interleave(n, dim=0)
-    next_position = positions[:, -1:].repeat_interleave(n, dim=0) + 1
+    cache, logits, attention, next_position = _prefill(model, prompts, n, pad_id, device)
     rows = len(prompts) * n
     if len(seeds) != rows:
         raise ValueError(f"{len(seeds)} seeds for {rows} rows")
@@ -84,12 +74,8 @@ def sample_tokens(
     steps = []
     for _ in range(max_new_tokens):
         logits = logits.float()
-        raw_logprobs = logits.log_softmax(-1)
-        if temperature == 0:
-            token = logits.argmax(-1)
-        else:
-            token = draw_tokens(filter_top_p(logits / temperature, top_p).softmax(-1), generators)
-        logp += torch.where(done, 0.0, raw_logprobs.gather(-1, token[:, None]).squeeze(-1).double())
+        token = _next_token(logits, temperature, top_p, generators)
+        logp += torch.where(done, 0.0, logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1).double())
         token = torch.where(done, pad_id, token)
         steps.append(token)
         newly_done = torch.isin(token, eos) & ~done
@@ -102,13 +88,43 @@ def sample_tokens(
                     past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_position = next_position + 1
-    tokens = torch.stack(steps, dim=1).tolist()
-    hit_eos, logp = hit_eos.tolist(), logp.tolist()
+    return _finished_rows(torch.stack(steps, dim=1).tolist(), hit_eos.tolist(), logp.tolist(), eos_ids)
+
+
+def _prefill(model, prompts: list[list[int]], n: int, pad_id: int, device: torch.device):
+    """Run the left-padded prompts once; return the KV cache, last logits, attention mask and next position ids,
+    each repeated n times per prompt (rows prompt-major)."""
+    batch = {k: t.to(device) for k, t in pad_batch(prompts, [[] for _ in prompts], pad_id, side="left").items()}
+    attention = batch["attention_mask"]
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=batch["input_ids"], attention_mask=attention, position_ids=positions,
+                use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+    attention = attention.repeat_interleave(n, dim=0)
+    next_position = positions[:, -1:].repeat_interleave(n, dim=0) + 1
+    return cache, logits, attention, next_position
+
+
+def _next_token(logits: torch.Tensor, temperature: float, top_p: float,
+                generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row (rows, vocab): the argmax at temperature 0, else drawn from the tempered top-p
+    distribution with each row's generator."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return draw_tokens(filter_top_p(logits / temperature, top_p).softmax(-1), generators)
+
+
+def _finished_rows(tokens: list[list[int]], hit_eos: list[bool], logp: list[float],
+                   eos_ids: set[int]) -> list[tuple[list[int], float, str]]:
+    """(tokens up to and including the first EOS, sum log-prob, "stop") for a row that reached EOS, else
+    (all its tokens, sum log-prob, "length")."""
     results = []
-    for row in range(rows):
-        ids = tokens[row]
-        if hit_eos[row]:
+    for ids, stopped, row_logp in zip(tokens, hit_eos, logp):
+        if stopped:
             first_eos = next(i for i, t in enumerate(ids) if t in eos_ids)
             ids = ids[: first_eos + 1]
-        results.append((ids, float(logp[row]), "stop" if hit_eos[row] else "length"))
+        results.append((ids, float(row_logp), "stop" if stopped else "length"))
     return results

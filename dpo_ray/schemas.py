@@ -16,86 +16,61 @@ from dpo_ray.errors import InputError
 
 TOKENS = pa.list_(pa.int32())
 
+
+def _schema(base: pa.Schema | None = None, /, **columns: pa.DataType) -> pa.Schema:
+    """The columns of `base`, if any, then `columns` in the order written (all nullable)."""
+    return pa.schema([*(base or []), *columns.items()])
+
+
 # Normalized prompts (written by the pipeline before sampling). `messages_json` keeps a chat prompt verbatim.
-PROMPTS = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),
-        ("messages_json", pa.string()),
-        ("split", pa.string()),
-    ]
-)
+PROMPTS = _schema(prompt_id=pa.string(), prompt=pa.string(), messages_json=pa.string(), split=pa.string())
 
 # sample: one row per completion.
-COMPLETIONS = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),
-        ("prompt_ids", TOKENS),
-        ("sample_index", pa.int32()),
-        ("completion", pa.string()),
-        ("completion_ids", TOKENS),
-        # Sum of the sampling model's untempered log-probs of the completion tokens (vLLM: its raw logprobs).
-        ("sample_logp", pa.float64()),
-        ("finish_reason", pa.string()),
-        ("prompt_truncated", pa.bool_()),
-    ]
+COMPLETIONS = _schema(
+    prompt_id=pa.string(),
+    prompt=pa.string(), prompt_ids=TOKENS,
+    sample_index=pa.int32(),
+    completion=pa.string(), completion_ids=TOKENS,
+    # Sum of the sampling model's untempered log-probs of the completion tokens (vLLM: its raw logprobs).
+    sample_logp=pa.float64(),
+    finish_reason=pa.string(),
+    prompt_truncated=pa.bool_(),
 )
 
 # label: completions with their scores (kept so a reader can audit every pair).
 # `filter_reward`: label.filter_labeler's score, null when no filter is configured.
-SCORED = COMPLETIONS.append(pa.field("reward", pa.float64())).append(pa.field("filter_reward", pa.float64()))
+SCORED = _schema(COMPLETIONS, reward=pa.float64(), filter_reward=pa.float64())
 
 # label: preference pairs.
-PAIRS = pa.schema(
-    [
-        ("pair_id", pa.string()),
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),
-        ("prompt_ids", TOKENS),
-        ("chosen", pa.string()),
-        ("chosen_ids", TOKENS),
-        ("rejected", pa.string()),
-        ("rejected_ids", TOKENS),
-        # Null for offline preference data that carries no scores.
-        ("chosen_reward", pa.float64()),
-        ("rejected_reward", pa.float64()),
-    ]
+PAIRS = _schema(
+    pair_id=pa.string(),
+    prompt_id=pa.string(),
+    prompt=pa.string(), prompt_ids=TOKENS,
+    chosen=pa.string(), chosen_ids=TOKENS,
+    rejected=pa.string(), rejected_ids=TOKENS,
+    # Null for offline preference data that carries no scores.
+    chosen_reward=pa.float64(), rejected_reward=pa.float64(),
 )
 
 # reference: pairs plus the reference model's log-probs summed over completion tokens only.
-REFERENCE = PAIRS.append(pa.field("ref_chosen_logps", pa.float64())).append(
-    pa.field("ref_rejected_logps", pa.float64())
-)
+REFERENCE = _schema(PAIRS, ref_chosen_logps=pa.float64(), ref_rejected_logps=pa.float64())
 
 # reference cache: one row per scored sequence, keyed by its token ids (reference.sequence_key).
-REFERENCE_CACHE = pa.schema([("sequence_key", pa.binary(16)), ("logp", pa.float64())])
+REFERENCE_CACHE = _schema(sequence_key=pa.binary(16), logp=pa.float64())
 
 # evaluate: one row per held-out sample of either model.
-EVAL_SAMPLES = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),
-        ("model", pa.string()),  # "policy" or "reference"
-        ("sample_index", pa.int32()),
-        ("completion", pa.string()),
-        ("completion_tokens", pa.int32()),
-        ("reward", pa.float64()),
-        ("policy_logp", pa.float64()),
-        ("reference_logp", pa.float64()),
-    ]
+EVAL_SAMPLES = _schema(
+    prompt_id=pa.string(),
+    prompt=pa.string(),
+    model=pa.string(),  # "policy" or "reference"
+    sample_index=pa.int32(),
+    completion=pa.string(), completion_tokens=pa.int32(),
+    reward=pa.float64(),
+    policy_logp=pa.float64(), reference_logp=pa.float64(),
 )
 
 # Rows refused by a reader under `on_bad_rows: skip`.
-REJECTS = pa.schema(
-    [
-        ("source", pa.string()),
-        ("row", pa.int64()),
-        ("field", pa.string()),
-        ("reason", pa.string()),
-        ("raw", pa.string()),
-    ]
-)
+REJECTS = _schema(source=pa.string(), row=pa.int64(), field=pa.string(), reason=pa.string(), raw=pa.string())
 
 
 class SchemaError(InputError):

@@ -10,6 +10,7 @@ values it ran with. MLflow never lets a run's param change value: a rerun tags t
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import re
@@ -19,6 +20,8 @@ from pathlib import Path
 import yaml
 
 from dpo_ray.config import PipelineConfig
+
+log = logging.getLogger(__name__)
 
 RUN_DIR_TAG = "dpo_ray.run_dir"
 # The parent run is found by a hash of the run dir, never by the path itself: a filter string built from user
@@ -133,8 +136,7 @@ class Tracker:
             client.set_tag(run.info.run_id, ENDED_BY_TAG, "a rerun: the process running it could not end it")
             client.set_terminated(run.info.run_id, "KILLED")
         if orphans:
-            print(f"[dpo-ray] MLflow: {len(orphans)} run(s) left RUNNING by an earlier process marked KILLED",
-                  flush=True)
+            log.info(f"MLflow: {len(orphans)} run(s) left RUNNING by an earlier process marked KILLED")
 
     @contextmanager
     def parent(self):

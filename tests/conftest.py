@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -13,26 +14,15 @@ EOS_ID = 2
 
 
 def make_tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from dpo_ray.models import tiny_llama
 
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        # Wider than the default 0.02 so next-token distributions are far from uniform: argmax, top-p and
-        # batch-independence checks then test something.
-        initializer_range=0.3,
-        bos_token_id=1,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    return model
+    model = tiny_llama(VOCAB, bos_token_id=1, eos_token_id=EOS_ID, pad_token_id=PAD_ID, seed=seed,
+                       hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=256,
+                       # Wider than the default 0.02 so next-token distributions are far from uniform: argmax, top-p
+                       # and batch-independence checks then test something.
+                       initializer_range=0.3)
+    return model.to(torch.float32).eval()
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +63,7 @@ def make_reference_parquet(folder: Path, n_pairs: int = 16) -> Path:
 
     from dpo_ray import schemas
     from dpo_ray.config import load_config
-    from dpo_ray.stages.reference import LogProbScorer
+    from dpo_ray.ops.scorers import LogProbScorer, ScorerSpec
 
     rng = random.Random(0)
     rows = []
@@ -85,8 +75,8 @@ def make_reference_parquet(folder: Path, n_pairs: int = 16) -> Path:
                      "chosen": f"c{i}", "chosen_ids": chosen, "rejected": f"r{i}", "rejected_ids": rejected,
                      "chosen_reward": 1.0, "rejected_reward": 0.0})
     cfg = load_config("configs/tiny.yaml")
-    scorer = LogProbScorer(cfg.model_dump(mode="json"), "builtin:tiny-llama",
-                           {"chosen_ids": "ref_chosen_logps", "rejected_ids": "ref_rejected_logps"})
+    scorer = LogProbScorer(ScorerSpec.of(cfg, "builtin:tiny-llama",
+                                       {"chosen_ids": "ref_chosen_logps", "rejected_ids": "ref_rejected_logps"}))
     table = scorer(schemas.rows_to_table(rows, schemas.PAIRS))
     schemas.check_schema(table, schemas.REFERENCE, "test")
     folder.mkdir(parents=True)
@@ -101,6 +91,44 @@ def isolated_env() -> dict:
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+def sqlite_store(root: Path) -> str:
+    """The tracking URI of the MLflow store a run root holds by default."""
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def mlflow_runs(tracking_uri: str, max_results: int = 100) -> tuple:
+    """A client of the MLflow store at `tracking_uri` and the runs of its dpo-ray experiment."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("dpo-ray")
+    return client, client.search_runs([experiment.experiment_id], max_results=max_results)
+
+
+def the_parent_run(runs: list, note: object = None):
+    """The one run without a parent run; asserted to be one, with `note` as the message if it is not."""
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, note or parents
+    return parents[0]
+
+
+def runs_under(parent, runs: list) -> list:
+    """The runs whose parent run is `parent`."""
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+def check_run_tree(runs: list, children: set[str], stages: Sequence[str]) -> dict:
+    """One parent run, under it one run per name in `children` (tag dpo_ray.child), under each of those exactly
+    one run per stage in `stages` (tag dpo_ray.stage). Returns the child runs by name."""
+    parent = the_parent_run(runs)
+    by_name = {r.data.tags["dpo_ray.child"]: r for r in runs if "dpo_ray.child" in r.data.tags}
+    assert set(by_name) == children
+    for child in by_name.values():
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert sorted(r.data.tags["dpo_ray.stage"] for r in runs_under(child, runs)) == sorted(stages)
+    return by_name
 
 
 # A fenced shell block in the docs that the tests cannot run (it needs a real cloud or GPU cluster) is preceded by

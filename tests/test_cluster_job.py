@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import doc_shell_blocks
+from conftest import doc_shell_blocks, mlflow_runs, runs_under, the_parent_run
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -210,19 +210,14 @@ answer = [(a.class_name, a.node_id) for a in list_actors(address="{c['dashboard'
 
     # The tracking server holds the parent run, one run per stage, the per-step metrics and the trained policy;
     # its artifacts went to the shared folder, its database stayed on the head's disk.
-    from mlflow import MlflowClient
-
-    client = MlflowClient(c["tracking"])
-    experiment = client.get_experiment_by_name("dpo-ray")
-    runs = client.search_runs([experiment.experiment_id], max_results=100)
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    client, runs = mlflow_runs(c["tracking"])
+    parent = the_parent_run(runs)
     assert parent.data.tags["dpo_ray.run_dir"] == str(run_dir)
-    stage_runs = {r.data.tags["dpo_ray.stage"]: r for r in runs
-                  if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    stage_runs = {r.data.tags["dpo_ray.stage"]: r for r in runs_under(parent, runs)}
     assert set(stage_runs) == set(STAGES)
     train_run = stage_runs["train"]
     assert len(client.get_metric_history(train_run.info.run_id, "loss")) >= 2
-    models = client.search_logged_models([experiment.experiment_id])
+    models = client.search_logged_models([train_run.info.experiment_id])
     assert [m.name for m in models if m.source_run_id == train_run.info.run_id] == ["policy"]
     assert list((shared / "mlflow" / "artifacts").rglob("model.safetensors"))
     assert (c["head_home"] / "mlflow" / "mlflow.db").is_file()

@@ -7,9 +7,10 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from dpo_ray.config import load_config
 from dpo_ray.models import ModelError, device_for, resolve_model
-from dpo_ray.stages.label import RewardModelScorer
-from dpo_ray.stages.reference import LogProbScorer
-from dpo_ray.stages.sample import TransformersSampler
+from dpo_ray.models import ModelSpec
+from dpo_ray.ops.rewards import RewardModelScorer
+from dpo_ray.ops.samplers import SamplerSpec, TransformersSampler
+from dpo_ray.ops.scorers import LogProbScorer, ScorerSpec
 
 
 def test_no_gpu_ids_is_the_cpu():
@@ -41,13 +42,13 @@ def reward_model(tmp_path):
 def test_every_model_actor_asks_ray_for_its_device(monkeypatch, reward_model):
     # Each actor, built as Ray Data builds it, on a worker that Ray gave GPU 0 while torch has no CUDA: each must
     # ask Ray (and so refuse), none may quietly load onto the CPU.
-    cfg = load_config(None, ["model.policy=builtin:tiny-llama"]).model_dump(mode="json")
+    cfg = load_config(None, ["model.policy=builtin:tiny-llama"])
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     actors = {
-        "sample": lambda: TransformersSampler(cfg, "builtin:tiny-llama", 2, 4, 1.0, 0),
-        "reference": lambda: LogProbScorer(cfg, "builtin:tiny-llama", {"chosen_ids": "ref_chosen_logps"}),
-        "reward model": lambda: RewardModelScorer(cfg, reward_model),
+        "sample": lambda: TransformersSampler(SamplerSpec.of(cfg, "builtin:tiny-llama", 2, 4, 1.0, 0)),
+        "reference": lambda: LogProbScorer(ScorerSpec.of(cfg, "builtin:tiny-llama", {"chosen_ids": "ref_chosen_logps"})),
+        "reward model": lambda: RewardModelScorer(ModelSpec.of(cfg, reward_model), cfg.label.batch_size),
     }
     for name, build in actors.items():
         with pytest.raises(ModelError, match="Ray gave this actor GPU"):

@@ -12,17 +12,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import isolated_env, make_reference_parquet
+from conftest import isolated_env, make_reference_parquet, mlflow_runs, sqlite_store, the_parent_run
 from safetensors.torch import load_file
 
 from dpo_ray.artifacts import read_manifest
 from dpo_ray.config import load_config
-from dpo_ray.pipeline import StageRunner, check_writable
+from dpo_ray.runner import StageRunner, check_writable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,11 +83,17 @@ def test_unwritable_run_root_fails_before_any_work():
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def _stage(name: str, run) -> SimpleNamespace:
+    """A stage module's shape (runner.py) around `run`, with fixed inputs."""
+    return SimpleNamespace(__name__=f"dpo_ray.stages.{name}", inputs=lambda _cfg, _digests: {"k": 1}, run=run)
+
+
 def test_disk_full_mid_stage_is_one_clear_error_and_leaves_nothing_that_reads_as_output(tmp_path):
     cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}"])
     final = tmp_path / "tiny" / "label"
 
-    def fills_the_disk(tmp: Path, _run, _key) -> dict:
+    def fills_the_disk(ctx) -> dict:
+        tmp = ctx.out
         pq.write_table(pa.table({"x": list(range(1000))}), tmp / "complete-looking.parquet")
         # The kernel's own ENOSPC: every write to /dev/full fails with "No space left on device".
         (tmp / "pairs.parquet").symlink_to("/dev/full")
@@ -95,11 +102,11 @@ def test_disk_full_mid_stage_is_one_clear_error_and_leaves_nothing_that_reads_as
 
     with pytest.raises(OSError, match=r"^\[Errno 28\] label: disk full while writing .*/label \(.* GiB free now\); "
                                       r"nothing was published and the partial output was removed"):
-        StageRunner(cfg, None)("label", final, {"k": 1}, fills_the_disk)
+        StageRunner(None)(_stage("label", fills_the_disk), cfg, final)
     assert not final.exists()
     assert not list(final.parent.glob(".*partial*"))
     # Once there is space the same call runs and publishes.
-    manifest = StageRunner(cfg, None)("label", final, {"k": 1}, lambda tmp, _r, _k: {"pairs": 0})
+    manifest = StageRunner(None)(_stage("label", lambda _ctx: {"pairs": 0}), cfg, final)
     assert read_manifest(final)["key"] == manifest["key"]
 
 
@@ -144,16 +151,13 @@ def test_an_unwritable_mlflow_store_is_one_line_and_the_rerun_ends_the_run_it_le
         assert "Traceback" not in full.stderr and "nothing was published" in full.stderr
         assert not (tmp_path / "second").exists() and not list(tmp_path.glob(".second*"))
 
-        import mlflow
-
-        client = mlflow.tracking.MlflowClient(f"sqlite:///{database}")
-        experiment = client.get_experiment_by_name("dpo-ray").experiment_id
         # The failed stage's run could not be ended either (the store could not be written): RUNNING for now.
-        assert sorted(r.info.status for r in client.search_runs([experiment])) == ["FINISHED", "RUNNING"]
+        _, runs = mlflow_runs(sqlite_store(root))
+        assert sorted(r.info.status for r in runs) == ["FINISHED", "RUNNING"]
         again = sample("second")  # space again: the same command runs
         assert again.returncode == 0 and read_manifest(tmp_path / "second"), again.stderr[-3000:]
         # ... and ends the run its failed attempt left RUNNING.
-        runs = client.search_runs([experiment])
+        _, runs = mlflow_runs(sqlite_store(root))
         assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"], runs
         assert "1 run(s) left RUNNING by an earlier process marked KILLED" in again.stdout
     finally:
@@ -339,13 +343,9 @@ def test_chaos_seeded_kills_of_driver_and_workers_end_as_an_uninterrupted_run(tm
     for name in a:
         assert (a[name] - b[name]).abs().max().item() < 1e-4, (name, report)
 
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("dpo-ray").experiment_id], max_results=500)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1, report
-    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs if r not in parents)
+    _, runs = mlflow_runs(sqlite_store(root), max_results=500)
+    parent = the_parent_run(runs, report)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs if r is not parent)
     # A SIGKILLed driver cannot end its runs; the next run of the same run dir marks them KILLED.
     status = [r.info.status for r in runs]
     assert "RUNNING" not in status and 1 <= status.count("KILLED") <= 3, (status, report)
@@ -367,10 +367,7 @@ def test_a_driver_stopped_with_sigterm_ends_its_mlflow_runs_failed(tmp_path):
     assert "dpo-ray: stopped by SIGTERM; open MLflow runs end FAILED" in rest
     assert not (tmp_path / "tiny" / "label").exists() and read_manifest(tmp_path / "tiny" / "sample")
 
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("dpo-ray").experiment_id], max_results=200)
+    _, runs = mlflow_runs(sqlite_store(tmp_path), max_results=200)
     status = {r.data.tags.get("dpo_ray.stage", "parent"): r.info.status for r in runs}
     assert status == {"parent": "FAILED", "sample": "FINISHED", "label": "FAILED"}, status
 

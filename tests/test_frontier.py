@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import isolated_env
+from conftest import check_run_tree, isolated_env, mlflow_runs, runs_under, sqlite_store
 
 from dpo_ray.artifacts import read_manifest
 
@@ -40,18 +40,9 @@ def test_frontier_trains_each_variant_on_the_same_reference(tmp_path):
                     if line.startswith("[dpo-ray] train: ")]
     assert [state for state in train_states if state in ("running", "done")] == ["running", "running", "done", "done"]
 
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("dpo-ray").experiment_id], max_results=100)
-    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parent) == 1
-    variants = {r.data.tags["dpo_ray.child"]: r for r in runs if "dpo_ray.child" in r.data.tags}
-    assert set(variants) == {"sigmoid_beta0.1", "ipo_beta0.1"}
+    _, runs = mlflow_runs(sqlite_store(tmp_path))
+    variants = check_run_tree(runs, {"sigmoid_beta0.1", "ipo_beta0.1"}, ["evaluate", "train"])
     for variant in variants.values():
-        assert variant.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
         assert "policy_reward" in variant.data.metrics
-        stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == variant.info.run_id]
-        assert sorted(r.data.tags["dpo_ray.stage"] for r in stages) == ["evaluate", "train"]
-        train_run = next(r for r in stages if r.data.tags["dpo_ray.stage"] == "train")
+        train_run = next(r for r in runs_under(variant, runs) if r.data.tags["dpo_ray.stage"] == "train")
         assert "loss" in train_run.data.metrics  # per-step metrics from rank 0 reached the right run

@@ -9,7 +9,7 @@ import yaml
 from ray.runtime_env.runtime_env import _merge_runtime_env
 
 from dpo_ray.config import ConfigError, load_config
-from dpo_ray.pipeline import _FORWARDED_ENV, check_run_root, forwarded_env
+from dpo_ray.cluster import _FORWARDED_ENV, check_run_root, forwarded_env
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())

@@ -26,13 +26,13 @@ def test_identical_after_truncation_is_rejected_and_counted(tmp_path):
                                             "data.on_bad_rows=skip"])
     out = tmp_path / "out"
     out.mkdir()
-    stats = import_preferences(cfg, str(out))
+    stats = import_preferences(cfg, out)
     assert stats["pairs"] == 1 and stats["rejected_rows"] == 1 and stats["completions_truncated"] == 2
     rejects = schemas.read_table(out / "rejects.parquet", schemas.REJECTS).to_pylist()
     assert rejects[0]["row"] == 1 and "tokenize identically" in rejects[0]["reason"]
     cfg = load_config("configs/tiny.yaml", [f"data.preferences={path}", "data.max_completion_tokens=2"])
     with pytest.raises(TokenizationError, match=r"prefs.jsonl: row 1: field rejected: .*tokenize identically"):
-        import_preferences(cfg, str(tmp_path / "out2"))
+        import_preferences(cfg, tmp_path / "out2")
 
 
 class _ShiftingTemplate:
@@ -69,7 +69,7 @@ def test_a_reply_holding_the_end_of_turn_text_is_refused_not_cut(tmp_path):
     cfg = load_config(None, ["model.policy=builtin:tiny-llama", f"data.preferences={prefs}"])
     with pytest.raises(TokenizationError, match=rf"^{prefs}: row 1: field chosen: contains the tokenizer's "
                                                 rf"end-of-turn text '{re.escape(eos)}'"):
-        import_preferences(cfg, str(tmp_path / "out"))
+        import_preferences(cfg, tmp_path / "out")
     skip = cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_bad_rows": "skip"})})
-    stats = import_preferences(skip, str(tmp_path / "out_skip"))
+    stats = import_preferences(skip, tmp_path / "out_skip")
     assert (stats["pairs"], stats["rejected_rows"]) == (1, 1)

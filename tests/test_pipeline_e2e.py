@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import doc_command, isolated_env
+from conftest import doc_command, isolated_env, mlflow_runs, runs_under, sqlite_store, the_parent_run
 
 from dpo_ray import schemas
 from dpo_ray.artifacts import read_manifest
@@ -100,24 +100,14 @@ def test_evaluation_artifacts(tiny_run):
     assert "reward" in (run_dir / "evaluate" / "examples.md").read_text()
 
 
-def _mlflow_runs(root: Path):
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("dpo-ray")
-    return client, client.search_runs([experiment.experiment_id], max_results=100)
-
-
 def test_mlflow_parent_and_stage_runs(tiny_run):
     root, run_dir, _ = tiny_run
-    client, runs = _mlflow_runs(root)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1
-    parent = parents[0]
+    client, runs = mlflow_runs(sqlite_store(root))
+    parent = the_parent_run(runs)
     assert parent.data.tags["dpo_ray.run_dir"] == str(run_dir)
     assert parent.data.params["train.beta"] == "0.1"
     assert "eval/win_rate" in parent.data.metrics
-    children = {r.data.tags["dpo_ray.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {r.data.tags["dpo_ray.stage"]: r for r in runs_under(parent, runs)}
     assert set(children) == set(STAGES)
     train_run = children["train"]
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -139,8 +129,8 @@ def test_rerun_skips_every_stage_and_reuses_parent_run(tiny_run):
     for stage in STAGES:
         assert f"[dpo-ray] {stage}: up to date, skipped" in second.stdout
         assert read_manifest(run_dir / stage)["key"] == keys[stage]
-    _, runs = _mlflow_runs(root)
-    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
+    _, runs = mlflow_runs(sqlite_store(root))
+    the_parent_run(runs)
     assert len(runs) == 1 + len(STAGES)
 
 

@@ -4,7 +4,7 @@ import math
 
 from dpo_ray import schemas
 from dpo_ray.config import load_config
-from dpo_ray.stages.reference import LogProbScorer, ReferenceCache, sequence_key
+from dpo_ray.ops.scorers import LogProbScorer, ReferenceCache, ScorerSpec, sequence_key
 
 SIDES = {"chosen_ids": "ref_chosen_logps", "rejected_ids": "ref_rejected_logps"}
 
@@ -29,14 +29,14 @@ def test_scorer_takes_fully_cached_rows_from_the_cache_and_scores_the_rest(tmp_p
              "chosen": "c", "chosen_ids": [20, 21 + i], "rejected": "r", "rejected_ids": [30, 31, 32 + i],
              "chosen_reward": 1.0, "rejected_reward": 0.0} for i in range(3)]
     table = schemas.rows_to_table(rows, schemas.PAIRS)
-    cfg = load_config("configs/tiny.yaml").model_dump(mode="json")
-    cold = LogProbScorer(cfg, "builtin:tiny-llama", SIDES)(table)
+    cfg = load_config("configs/tiny.yaml")
+    cold = LogProbScorer(ScorerSpec.of(cfg, "builtin:tiny-llama", SIDES))(table)
     # Row 0 fully cached (with marker values the model would never give), row 1 only half: it is scored.
     r0, r1 = rows[0], rows[1]
     ReferenceCache(tmp_path).add([sequence_key(r0["prompt_ids"], r0["chosen_ids"]),
                                   sequence_key(r0["prompt_ids"], r0["rejected_ids"]),
                                   sequence_key(r1["prompt_ids"], r1["chosen_ids"])], [-1.5, -2.5, -3.5], "x")
-    warm = LogProbScorer(cfg, "builtin:tiny-llama", SIDES, cache_dir=str(tmp_path))(table)
+    warm = LogProbScorer(ScorerSpec.of(cfg, "builtin:tiny-llama", SIDES, ReferenceCache(tmp_path)))(table)
     assert warm["ref_chosen_logps"][0].as_py() == -1.5 and warm["ref_rejected_logps"][0].as_py() == -2.5
     for i in (1, 2):
         for out in SIDES.values():

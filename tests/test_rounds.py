@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import isolated_env
+from conftest import check_run_tree, isolated_env, mlflow_runs, sqlite_store
 
 from dpo_ray.artifacts import read_manifest
 
@@ -41,23 +41,13 @@ def test_two_rounds_with_self_labeling(tmp_path):
     assert (run_dir / "rounds.png").is_file() and "| 2 |" in (run_dir / "rounds.md").read_text()
     assert round1_policy in proc.stdout or "round 2/2" in proc.stdout
 
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("dpo-ray").experiment_id], max_results=100)
-    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parent) == 1
-    round_runs = {r.data.tags["dpo_ray.child"]: r for r in runs if "dpo_ray.child" in r.data.tags}
-    assert set(round_runs) == {"round_1", "round_2"}
-    for run in round_runs.values():
-        assert run.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
-        stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
-        assert sorted(r.data.tags["dpo_ray.stage"] for r in stages) == sorted(STAGES)
+    _, runs = mlflow_runs(sqlite_store(tmp_path))
+    check_run_tree(runs, {"round_1", "round_2"}, STAGES)
 
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("up to date, skipped") == 2 * len(STAGES)
-    runs_after = client.search_runs([client.get_experiment_by_name("dpo-ray").experiment_id], max_results=100)
+    _, runs_after = mlflow_runs(sqlite_store(tmp_path))
     assert len(runs_after) == len(runs)
 
 
@@ -65,7 +55,7 @@ def _check_filter(run_dir: Path) -> None:
     """Round 1 has no filter column values; in round 2 every kept pair is one the sentiment filter does not
     contradict, and the stage counted what it dropped."""
     from dpo_ray import schemas
-    from dpo_ray.stages.label import SentimentScorer
+    from dpo_ray.ops.rewards import SentimentScorer
 
     assert schemas.read_table(run_dir / "round_1" / "label" / "scored", schemas.SCORED)["filter_reward"].null_count > 0
     scored = schemas.read_table(run_dir / "round_2" / "label" / "scored", schemas.SCORED).to_pylist()

@@ -13,8 +13,8 @@ from conftest import make_tiny_llama
 
 from dpo_ray.config import load_config
 from dpo_ray.models import ModelError, load_causal_lm, resolve_model
-from dpo_ray.stages import reference
-from dpo_ray.stages.label import check_labeler
+from dpo_ray.ops import scorers
+from dpo_ray.ops.rewards import check_labeler
 from dpo_ray.stages.train import _worker_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,5 +83,5 @@ def test_train_workers_cap_glibc_arenas_unless_the_driver_sets_it(monkeypatch):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 def test_scorer_returns_free_heap_after_each_batch_on_glibc():
     # Without it the scorer actor's peak memory grew with the number of batches (benchmarks/README.md, figure 4).
-    assert reference._malloc_trim is not None
-    assert reference._malloc_trim(0) in (0, 1)
+    assert scorers._malloc_trim is not None
+    assert scorers._malloc_trim(0) in (0, 1)

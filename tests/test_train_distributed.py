@@ -21,7 +21,8 @@ from conftest import isolated_env, make_reference_parquet
 from dpo_ray.artifacts import read_manifest
 from dpo_ray.config import load_config
 from dpo_ray.models import resolve_model
-from dpo_ray.pipeline import init_ray
+from dpo_ray.cluster import init_ray
+from dpo_ray.runner import StageContext
 from dpo_ray.stages import train
 
 pytestmark = pytest.mark.slow
@@ -50,7 +51,7 @@ def test_two_workers_train_and_save_policy(reference_dir, tmp_path, overrides):
     ])
     out = tmp_path / "train"
     out.mkdir()
-    stats = train.run(cfg, str(reference_dir), str(out), run_key="t" * 12 + overrides[-1], mlflow_run_id=None)
+    stats = train.run(StageContext(cfg, out, {"reference": reference_dir}, "t" * 12 + overrides[-1]))
     assert stats["steps"] == 4  # 16 pairs / 8 per step x 2 epochs
     assert stats["nonfinite_steps"] == 0
     # Preference accuracy after a few large steps on 16 fixed pairs: the policy learned to rank them.
@@ -91,7 +92,7 @@ def test_same_pairs_in_another_file_layout_train_the_same_policy_bit_for_bit(ref
         init_ray(cfg)
         out = tmp_path / "train" / name
         out.mkdir(parents=True)
-        train.run(cfg, str(folder), str(out), run_key=f"layout-{name}", mlflow_run_id=None)
+        train.run(StageContext(cfg, out, {"reference": folder}, f"layout-{name}"))
         digests.append(hashlib.sha256((out / "policy" / "model.safetensors").read_bytes()).hexdigest())
     assert digests[0] == digests[1]
 
@@ -147,7 +148,7 @@ def test_nonfinite_steps_in_a_row_stop_with_the_documented_message(reference_dir
     out = tmp_path / "train"
     out.mkdir()
     with pytest.raises(Exception) as err:
-        train.run(cfg, str(bad), str(out), run_key="nonfinite-all", mlflow_run_id=None)
+        train.run(StageContext(cfg, out, {"reference": bad}, "nonfinite-all"))
     assert "2 steps in a row had a non-finite loss or gradient" in str(err.value)
     assert "train.max_nonfinite_steps" in str(err.value)
 
@@ -157,7 +158,7 @@ def test_isolated_nonfinite_steps_are_skipped_and_counted(reference_dir, tmp_pat
     cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", "train.max_nonfinite_steps=3"])
     out = tmp_path / "train"
     out.mkdir()
-    stats = train.run(cfg, str(bad), str(out), run_key="nonfinite-one", mlflow_run_id=None)
+    stats = train.run(StageContext(cfg, out, {"reference": bad}, "nonfinite-one"))
     # One poisoned pair, seen once per epoch (tiny.yaml: 2 epochs of 4 steps): two skipped steps, run finished.
     assert stats["steps"] == 8
     assert stats["nonfinite_steps"] == 2

@@ -20,7 +20,7 @@ from dpo_ray import schemas  # noqa: E402
 from dpo_ray.config import BUILTIN_SMOLLM2, BUILTIN_TINY, load_config  # noqa: E402
 from dpo_ray.inputs import read_prompts  # noqa: E402
 from dpo_ray.models import load_tokenizer  # noqa: E402
-from dpo_ray.stages.sample import sample_dataset  # noqa: E402
+from dpo_ray.ops.samplers import sample_dataset  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 

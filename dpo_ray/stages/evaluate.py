@@ -1,4 +1,4 @@
-"""evaluate: the trained policy against the reference on held-out prompts.
+"""evaluate: the trained policy against the baseline (the reference model by default) on held-out prompts.
 
 Both models sample `samples_per_prompt` completions per held-out prompt (temperature 1 by default); every
 sample is scored by the labeler and by both models' log-probs (the training forward code, or for a sample's own
@@ -8,7 +8,8 @@ model with the transformers backend, the sampler's identical log-prob). Reported
 - KL(pi || pi_ref) per sequence, the Monte-Carlo mean of log pi(y|x) - log pi_ref(y|x) over policy samples;
 - implicit-reward accuracy on held-out pairs: among each prompt's samples of both models, the best and worst
   under the labeler form a pair, and the policy's implicit reward beta*log(pi/pi_ref) should rank them alike.
-Writes eval_samples.parquet, metrics.json, reward_vs_kl.png and examples.md.
+Writes eval_samples.parquet, metrics.json, reward_vs_kl.png and examples.md. Without a `prompts` source (an offline
+run) the held-out prompts are split from data.prompts here, as the sample stage would.
 """
 
 from __future__ import annotations
@@ -21,12 +22,32 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from dpo_ray import schemas
+from dpo_ray import keys, schemas
 from dpo_ray.config import PipelineConfig
+from dpo_ray.errors import ConfigError
+from dpo_ray.models import model_fingerprint
+from dpo_ray.ops.prompts import prepare_prompts, read_split
+from dpo_ray.ops.rewards import add_rewards, check_labeler
+from dpo_ray.ops.samplers import sample_dataset
+from dpo_ray.ops.scorers import completion_logps_column
 from dpo_ray.pairs import build_pairs
-from dpo_ray.stages.label import add_rewards, check_labeler
-from dpo_ray.stages.reference import completion_logps_column
-from dpo_ray.stages.sample import read_split, sample_dataset
+from dpo_ray.reports import plot_reward_vs_kl
+from dpo_ray.runner import StageContext
+
+SOURCES = {"prompts": True, "policy": True}
+
+
+def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
+    if "prompts" not in digests and not cfg.data.prompts:
+        raise ConfigError("data.prompts: evaluation of an offline run needs held-out prompts")
+    prompts = digests.get("prompts") or keys.digest(cfg.data.prompts, "data.prompts")
+    judge = cfg.evaluate.labeler or cfg.label.labeler
+    return {"policy": digests["policy"], "baseline": model_fingerprint(cfg.baseline_model), "prompts": prompts,
+            "seed": cfg.run.seed, "dtype": cfg.model.dtype, "limits": keys.limits(cfg),
+            "evaluate": cfg.evaluate.model_dump(), "sample": cfg.sample.model_dump(),
+            "labeler": cfg.label.model_dump(),
+            "reward_model": model_fingerprint(cfg.label.reward_model) if judge == "reward_model" else None,
+            "beta": cfg.train.beta}
 
 
 def _stderr(values: list[float]) -> float:
@@ -74,27 +95,6 @@ def compute_metrics(rows: list[dict], beta: float) -> dict:
     }
 
 
-def plot_reward_vs_kl(points: list[dict], path: Path, title: str) -> None:
-    """points: {label, kl, kl_stderr, reward, reward_stderr}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for p in points:
-        ax.errorbar(p["kl"], p["reward"], xerr=p.get("kl_stderr") or 0, yerr=p.get("reward_stderr") or 0,
-                    fmt="o", capsize=3, label=p["label"])
-    ax.set_xlabel("sequence KL(policy || reference), nats")
-    ax.set_ylabel("mean reward on held-out prompts")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _examples_markdown(rows: list[dict], count: int) -> str:
     by_prompt = defaultdict(dict)
     for r in rows:
@@ -113,35 +113,46 @@ def _examples_markdown(rows: list[dict], count: int) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: PipelineConfig, prompts_path: str, policy_path: str, out_dir: str, baseline: str | None = None) -> dict:
-    """Judge `policy_path` against `baseline` (default: the reference model) on the held-out prompts."""
+def _held_out_prompts(ctx: StageContext) -> Path:
+    if "prompts" in ctx.sources:
+        return ctx.sources["prompts"]
+    prepare_prompts(ctx.cfg, ctx.out)
+    return ctx.out / "prompts.parquet"
+
+
+def _samples(cfg: PipelineConfig, prompts_path: Path, models: dict[str, str]):
+    """Both models' samples of the held-out prompts, each scored by both models and by the labeler."""
     e, s = cfg.evaluate, cfg.sample
-    reference = baseline or cfg.reference_model
-    max_new = e.max_new_tokens or s.max_new_tokens
-    check_labeler(cfg, e.labeler or cfg.label.labeler)
     eval_prompts = read_split(prompts_path, "eval")
     # Each model-holding step is materialized before the next starts, so a small node never has to fit
     # every actor pool at once. Where the sampler's log-prob is exact, each model scores only the other's samples.
-    models = {"policy": policy_path, "reference": reference}
     sampled = {}
     for name, spec in models.items():
-        ds = sample_dataset(eval_prompts, cfg, spec, e.samples_per_prompt, max_new, e.temperature, cfg.run.seed + 1)
+        ds = sample_dataset(eval_prompts, cfg, spec, e.samples_per_prompt, e.max_new_tokens or s.max_new_tokens,
+                            e.temperature, cfg.run.seed + 1)
         sampled[name] = ds.map_batches(lambda b, name=name: b.append_column("model", pa.array([name] * b.num_rows)),
                                        batch_format="pyarrow").materialize()
     scored = []
     for name, other in (("policy", "reference"), ("reference", "policy")):
         ds = completion_logps_column(sampled[name], cfg, models[name], f"{name}_logp", sampled_by=models[name])
         scored.append(completion_logps_column(ds, cfg, models[other], f"{other}_logp", sampled_by=models[name]))
-    samples = add_rewards(scored[0].union(scored[1]), cfg, e.labeler or cfg.label.labeler)
+    return add_rewards(scored[0].union(scored[1]), cfg, e.labeler or cfg.label.labeler)
 
-    def to_eval_schema(b: pa.Table) -> pa.Table:
-        b = b.append_column("completion_tokens", pa.compute.list_value_length(b["completion_ids"]).cast(pa.int32()))
-        return b.select(schemas.EVAL_SAMPLES.names).cast(schemas.EVAL_SAMPLES)
 
-    samples.map_batches(to_eval_schema, batch_format="pyarrow").write_parquet(str(Path(out_dir) / "eval_samples"))
-    rows = schemas.read_table(Path(out_dir) / "eval_samples", schemas.EVAL_SAMPLES).to_pylist()
+def _to_eval_schema(b: pa.Table) -> pa.Table:
+    b = b.append_column("completion_tokens", pa.compute.list_value_length(b["completion_ids"]).cast(pa.int32()))
+    return b.select(schemas.EVAL_SAMPLES.names).cast(schemas.EVAL_SAMPLES)
+
+
+def run(ctx: StageContext) -> dict:
+    """Judge the `policy` source against cfg.baseline_model on the held-out prompts."""
+    cfg, out = ctx.cfg, ctx.out
+    check_labeler(cfg, cfg.evaluate.labeler or cfg.label.labeler)
+    models = {"policy": str(ctx.sources["policy"]), "reference": cfg.baseline_model}
+    samples = _samples(cfg, _held_out_prompts(ctx), models)
+    samples.map_batches(_to_eval_schema, batch_format="pyarrow").write_parquet(str(out / "eval_samples"))
+    rows = schemas.read_table(out / "eval_samples", schemas.EVAL_SAMPLES).to_pylist()
     metrics = compute_metrics(rows, cfg.train.beta)
-    out = Path(out_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_reward_vs_kl(
         [{"label": "reference", "kl": 0.0, "reward": metrics["reference_reward"],
@@ -151,15 +162,5 @@ def run(cfg: PipelineConfig, prompts_path: str, policy_path: str, out_dir: str, 
           "reward_stderr": metrics["policy_reward_stderr"]}],
         out / "reward_vs_kl.png", f"{cfg.run.name}: win rate {metrics['win_rate']:.0%}",
     )
-    (out / "examples.md").write_text(_examples_markdown(rows, e.num_examples))
+    (out / "examples.md").write_text(_examples_markdown(rows, cfg.evaluate.num_examples))
     return metrics
-
-
-def main(argv: list[str] | None = None) -> None:
-    from dpo_ray.cli import stage_entry
-
-    stage_entry("evaluate", argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,13 +1,11 @@
 """label: score completions and turn them into chosen/rejected pairs; or import existing preference data.
 
-Labelers (all append a `reward` column to a Ray dataset of completions):
-- `sentiment`: VADER compound sentiment of the completion, in [-1, 1] (positive is better);
-- `reward_model`: any local AutoModelForSequenceClassification folder with a single output;
-- `implicit`: the DPO implicit reward beta*log(pi/pi_ref) of a given policy and reference (self-labeling).
-`label.filter_labeler` scores every completion a second time with an external reward (`filter_reward`) and keeps
-only the pairs it does not contradict: implicit self-labels filtered by sentiment are then a config choice.
+The labelers (sentiment, reward model, implicit reward) are in `ops/rewards.py`. `label.filter_labeler` scores
+every completion a second time with another labeler (`filter_reward`) and keeps only the pairs it does not
+contradict: implicit self-labels filtered by sentiment are then a config choice.
 
-Outputs: `scored/` (schemas.SCORED, every completion with its reward) and `pairs/` (schemas.PAIRS).
+Outputs: `scored/` (schemas.SCORED, every completion with its reward) and `pairs/` (schemas.PAIRS); an import
+writes `pairs/` and the rejected rows, if any.
 """
 
 from __future__ import annotations
@@ -20,111 +18,34 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
-import torch
 
-from dpo_ray import schemas
+from dpo_ray import keys, schemas
 from dpo_ray.config import LabelConfig, PipelineConfig
 from dpo_ray.errors import InputError
 from dpo_ray.inputs import Reject, read_preferences, write_rejects
-from dpo_ray.models import ModelError, device_for, load_tokenizer, resolve_model, set_torch_threads
+from dpo_ray.models import load_tokenizer
+from dpo_ray.ops.rewards import add_rewards, check_labeler
 from dpo_ray.pairs import PairStats, build_pairs
-from dpo_ray.stages.reference import completion_logps_column
+from dpo_ray.runner import StageContext
 from dpo_ray.text import TokenizationError, completion_token_ids, prompt_token_ids
 
-
-class SentimentScorer:
-    def __init__(self, column: str = "reward"):
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-        self.analyzer = SentimentIntensityAnalyzer()
-        self.column = column
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        scores = [self.analyzer.polarity_scores(text)["compound"] for text in batch["completion"].to_pylist()]
-        return batch.append_column(self.column, pa.array(scores, pa.float64()))
+# Without completions the stage imports data.preferences instead.
+SOURCES = {"completions": False}
 
 
-class RewardModelScorer:
-    def __init__(self, cfg: dict, path: str, column: str = "reward"):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self.column = column
-        self.cfg = PipelineConfig.model_validate(cfg)
-        set_torch_threads(self.cfg.run.torch_threads)
-        trust = self.cfg.model.trust_remote_code
-        local = resolve_model(path)
-        self.device = device_for(ray.get_gpu_ids())
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            local, trust_remote_code=trust, use_safetensors=True).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-
-    def _render(self, prompt: str, completion: str) -> str:
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], tokenize=False)
-        return f"{prompt}\n{completion}"
-
-    @torch.inference_mode()
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = [self._render(p, c) for p, c in zip(batch["prompt"].to_pylist(), batch["completion"].to_pylist())]
-        scores = []
-        size = self.cfg.label.batch_size
-        for start in range(0, len(texts), size):
-            enc = self.tokenizer(texts[start : start + size], padding=True, truncation=True,
-                                 return_tensors="pt").to(self.device)
-            scores += self.model(**enc).logits[:, 0].float().tolist()
-        return batch.append_column(self.column, pa.array(scores, pa.float64()))
+def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
+    if "completions" not in digests:
+        d = cfg.data
+        return {**keys.policy(cfg), "preferences": keys.digest(d.preferences, "data.preferences"),
+                "limits": keys.limits(cfg), "on_bad_rows": d.on_bad_rows}
+    return {"completions": digests["completions"], "label": cfg.label.model_dump(),
+            "labeler_models": keys.labeler_fingerprints(cfg)}
 
 
-def check_labeler(cfg: PipelineConfig, labeler: str | None) -> None:
-    """Fail in the driver before a stage reads or generates anything, not in an actor later: a missing reward
-    model folder or a head that does not give one score per sequence (a 2-class sentiment classifier, say)."""
-    if labeler != "reward_model":
-        return
-    from transformers import AutoConfig
-
-    path = cfg.label.reward_model
-    config = AutoConfig.from_pretrained(resolve_model(path), trust_remote_code=cfg.model.trust_remote_code)
-    if config.num_labels != 1:
-        raise ModelError(f"label.reward_model: {path} has a {config.num_labels}-output head; a reward model "
-                         "needs a single-score head (num_labels=1)")
-
-
-def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, labeler: str | None = None,
-                sampled_by: str | None = None, column: str = "reward") -> ray.data.Dataset:
-    """Append a `column` of rewards to a dataset with prompt/completion text and prompt_ids/completion_ids.
-
-    `sampled_by`: the model whose `sample_logp` every row carries, if one did; the implicit labeler then takes
-    that model's log-probs from the sampler instead of scoring them again where they are exact.
-    """
-    lab = cfg.label
-    labeler = labeler or lab.labeler
-    if labeler == "sentiment":
-        return ds.map_batches(SentimentScorer, fn_constructor_kwargs={"column": column}, batch_format="pyarrow",
-                              batch_size=lab.batch_size,
-                              compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
-    if labeler == "reward_model":
-        return ds.map_batches(
-            RewardModelScorer,
-            fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "path": lab.reward_model, "column": column},
-            batch_format="pyarrow", batch_size=lab.batch_size * 4,
-            compute=ray.data.ActorPoolStrategy(size=cfg.reference.num_actors), **cfg.reference.actor_resources(),
-        )
-    policy = lab.implicit_policy or cfg.model.policy
-    reference = lab.implicit_reference or cfg.reference_model
-    ds = completion_logps_column(ds, cfg, policy, "_implicit_policy_logp", sampled_by)
-    ds = completion_logps_column(ds, cfg, reference, "_implicit_reference_logp", sampled_by)
-    beta = lab.implicit_beta
-
-    def implicit_reward(batch: pa.Table) -> pa.Table:
-        diff = pc.subtract(batch["_implicit_policy_logp"], batch["_implicit_reference_logp"])
-        batch = batch.drop_columns(["_implicit_policy_logp", "_implicit_reference_logp"])
-        return batch.append_column(column, pc.multiply(diff, beta))
-
-    return ds.map_batches(implicit_reward, batch_format="pyarrow")
+def run(ctx: StageContext) -> dict:
+    if "completions" in ctx.sources:
+        return label_completions(ctx.cfg, ctx.sources["completions"], ctx.out, ctx.sampled_by)
+    return import_preferences(ctx.cfg, ctx.out)
 
 
 def _group_pairs(group: pa.Table, lab: LabelConfig) -> tuple[list[dict], PairStats]:
@@ -153,8 +74,8 @@ for _name in _STAT_FIELDS:
     _PAIRING = _PAIRING.append(pa.field(f"stat_{_name}", pa.int64()))
 
 
-def _pairs_with_stats(group: pa.Table, label_cfg: dict) -> pa.Table:
-    pairs, stats = _group_pairs(group, LabelConfig.model_validate(label_cfg))
+def _pairs_with_stats(group: pa.Table, lab: LabelConfig) -> pa.Table:
+    pairs, stats = _group_pairs(group, lab)
     if not pairs:
         pairs = [{name: None for name in schemas.PAIRS.names}]
     counts = stats.as_dict()
@@ -167,12 +88,11 @@ def _no_filter_reward(batch: pa.Table) -> pa.Table:
     return batch.append_column("filter_reward", pa.nulls(batch.num_rows, pa.float64()))
 
 
-def run(cfg: PipelineConfig, completions_path: str, out_dir: str, sampled_by: str | None = None) -> dict:
+def label_completions(cfg: PipelineConfig, completions_path: Path, out: Path, sampled_by: str | None) -> dict:
     """Score completions and pair them; `sampled_by` names the model that sampled them, when the caller knows."""
-    out = Path(out_dir)
     check_labeler(cfg, cfg.label.labeler)
     check_labeler(cfg, cfg.label.filter_labeler)
-    scored = add_rewards(ray.data.read_parquet(completions_path), cfg, sampled_by=sampled_by)
+    scored = add_rewards(ray.data.read_parquet(str(completions_path)), cfg, sampled_by=sampled_by)
     if cfg.label.filter_labeler:
         # Materialized first, so only one scorer's actor pool holds CPUs at a time: two pools in one streaming
         # pipeline can take the CPUs its read tasks need and wait on each other forever (seen on 2 CPUs).
@@ -185,7 +105,7 @@ def run(cfg: PipelineConfig, completions_path: str, out_dir: str, sampled_by: st
     paired = (
         ray.data.read_parquet(str(out / "scored"))
         .groupby("prompt_id", num_partitions=partitions)
-        .map_groups(_pairs_with_stats, fn_args=(cfg.label.model_dump(mode="json"),), batch_format="pyarrow")
+        .map_groups(_pairs_with_stats, fn_args=(cfg.label,), batch_format="pyarrow")
         .materialize()
     )
     # Summed while streaming the few stat columns through the driver: Ray's own `sum` would plan another
@@ -201,7 +121,7 @@ def run(cfg: PipelineConfig, completions_path: str, out_dir: str, sampled_by: st
     return stats
 
 
-def import_preferences(cfg: PipelineConfig, out_dir: str) -> dict:
+def import_preferences(cfg: PipelineConfig, out: Path) -> dict:
     """Offline DPO: existing prompt/chosen/rejected data, tokenized as the policy's tokenizer sees it."""
     data = cfg.data
     read = read_preferences(data.preferences, data.on_bad_rows)
@@ -239,19 +159,8 @@ def import_preferences(cfg: PipelineConfig, out_dir: str) -> dict:
     if not rows:
         raise InputError(f"label: no usable pairs in {data.preferences}: all {len(rejects)} rows were rejected "
                          "(data.on_bad_rows=error stops at the first, naming its row and field)")
-    out = Path(out_dir)
     (out / "pairs").mkdir(parents=True)
     pq.write_table(schemas.rows_to_table(rows, schemas.PAIRS), out / "pairs" / "part-0.parquet")
     write_rejects(rejects, out)
     return {"pairs": len(rows), "rejected_rows": len(rejects), "prompts_truncated": truncated_prompts,
             "completions_truncated": truncated_completions}
-
-
-def main(argv: list[str] | None = None) -> None:
-    from dpo_ray.cli import stage_entry
-
-    stage_entry("label", argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -25,12 +29,23 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from dpo_ray import keys
 from dpo_ray.config import PipelineConfig, TrainConfig
-from dpo_ray.engines import POLICY_DIR, DDPEngine, DeepSpeedEngine
+from dpo_ray.engines import POLICY_DIR, DDPEngine, DeepSpeedEngine, TrainEngine
 from dpo_ray.errors import ConfigError, TrainingError
 from dpo_ray.logprobs import SequenceScorer, shared_prompt_batch
 from dpo_ray.losses import DPOOutput, dpo_objective, reward_metrics
-from dpo_ray.models import load_causal_lm, load_tokenizer, set_torch_threads
+from dpo_ray.models import ModelSpec, model_fingerprint, set_torch_threads
+from dpo_ray.runner import StageContext
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+    from transformers import PreTrainedTokenizerBase
+
+
+log = logging.getLogger(__name__)
+SOURCES = {"reference": True}
+
 
 class NonFiniteError(TrainingError):
     pass
@@ -78,7 +93,8 @@ def _lists(batch: dict[str, np.ndarray]) -> dict[str, list]:
 def _micro_batches(rows: dict[str, list], size: int) -> list[dict[str, list]]:
     """Split one step's rows into micro-batches of similar length, so padding costs little."""
     n = len(rows["prompt_ids"])
-    order = sorted(range(n), key=lambda i: len(rows["prompt_ids"][i]) + max(len(rows["chosen_ids"][i]), len(rows["rejected_ids"][i])))
+    order = sorted(range(n), key=lambda i: len(rows["prompt_ids"][i])
+                   + max(len(rows["chosen_ids"][i]), len(rows["rejected_ids"][i])))
     return [{k: [v[i] for i in order[s : s + size]] for k, v in rows.items()} for s in range(0, n, size)]
 
 
@@ -101,107 +117,185 @@ def _format_eta(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every training worker reads, built from the validated config in the driver."""
+
+    train: TrainConfig
+    model: ModelSpec  # the initial policy
+    seed: int
+    steps_per_epoch: int
+    total_steps: int
+    mlflow_run_id: str | None
+    tracking_uri: str
+
+
+@dataclass
+class Worker:
+    """What one training worker sets up once and every step uses."""
+
+    spec: WorkerSpec
+    rank: int
+    world: int
+    pairs_per_step: int  # this worker's share of train.batch_size
+    tokenizer: PreTrainedTokenizerBase
+    engine: TrainEngine
+    tracker: MlflowClient | None  # on rank 0, when the stage logs to MLflow
+
+
+@dataclass
+class TrainState:
+    """The progress a checkpoint carries, as trainer_state.json."""
+
+    step: int = 0
+    nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    tokens: float = 0
+    # Carried into every later checkpoint, so the stage's stats record each interruption it recovered from.
+    resumed_from: list[int] = field(default_factory=list)
+
+    def count_step(self, applied: bool, max_nonfinite_steps: int) -> None:
+        """Count a finished step; NonFiniteError when it makes max_nonfinite_steps unapplied ones in a row."""
+        self.step += 1
+        self.nonfinite_steps += not applied
+        self.nonfinite_in_a_row = 0 if applied else self.nonfinite_in_a_row + 1
+        if self.nonfinite_in_a_row >= max_nonfinite_steps:
+            raise NonFiniteError(
+                f"train: {self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                f"(last at step {self.step}); see train.max_nonfinite_steps"
+            )
+
+
 def train_loop_per_worker(config: dict) -> None:
-    cfg = PipelineConfig.model_validate(config["cfg"])
-    t = cfg.train
+    """Ray Train's function on every worker: set up, resume, then train, log and checkpoint step by step."""
+    worker = setup(config["spec"])
+    state = resume(worker)
+    started, first_step = time.time(), state.step
+    for epoch, batch in step_batches(worker, first_step):
+        metrics = train_step(worker, state, epoch, batch)
+        eta = (time.time() - started) / (state.step - first_step) * (worker.spec.total_steps - state.step)
+        log_step(worker, state, metrics, eta)
+        if state.step == worker.spec.total_steps or state.step % worker.spec.train.checkpoint_every == 0:
+            save_checkpoint(worker, state, metrics)
+
+
+def setup(spec: WorkerSpec) -> Worker:
+    """The worker's seeded model and tokenizer, and its strategy's engine, ready to train."""
+    t = spec.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    set_torch_threads(cfg.run.torch_threads)
-    torch.manual_seed(cfg.run.seed)
-    device = ray.train.torch.get_device()
-    tokenizer = load_tokenizer(config["init_model"], cfg.model.trust_remote_code)
-    scorer = SequenceScorer(load_causal_lm(config["init_model"], cfg.model.dtype, device, cfg.model.trust_remote_code))
+    set_torch_threads(spec.model.torch_threads)
+    torch.manual_seed(spec.seed)
+    tokenizer = spec.model.load_tokenizer()
+    scorer = SequenceScorer(spec.model.load_causal_lm(ray.train.torch.get_device()))
     per_worker = t.batch_size // world
-    accumulation = per_worker // t.micro_batch_size
+    engine: TrainEngine
     if t.strategy == "deepspeed":
-        engine = DeepSpeedEngine(scorer, t, cfg.model.dtype, t.micro_batch_size, accumulation)
+        engine = DeepSpeedEngine(scorer, t, spec.model.dtype, t.micro_batch_size, per_worker // t.micro_batch_size)
     else:
         engine = DDPEngine(scorer, t, world)
     engine.model.train()
-
-    state = {"step": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0, "tokens": 0, "resumed_from": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as path:
-            engine.load(Path(path))
-            state = json.loads((Path(path) / "trainer_state.json").read_text())
-        # Carried into every later checkpoint, so the stage's stats record each interruption it recovered from.
-        state["resumed_from"] = [*state.get("resumed_from", []), state["step"]]
-        if rank == 0:
-            print(f"[train] resumed from step {state['step']}", flush=True)
-
     tracker = None
-    if rank == 0 and config.get("mlflow_run_id"):
+    if rank == 0 and spec.mlflow_run_id:
         from mlflow.tracking import MlflowClient
 
-        tracker = MlflowClient(config["tracking_uri"])
+        tracker = MlflowClient(spec.tracking_uri)
+    return Worker(spec, rank, world, per_worker, tokenizer, engine, tracker)
 
-    steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
+
+def resume(worker: Worker) -> TrainState:
+    """The state of Ray Train's latest checkpoint, whose weights and optimizer the engine loads; fresh if none."""
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return TrainState()
+    with checkpoint.as_directory() as path:
+        worker.engine.load(Path(path))
+        state = TrainState(**json.loads((Path(path) / "trainer_state.json").read_text()))
+    state.resumed_from.append(state.step)
+    if worker.rank == 0:
+        print(f"[train] resumed from step {state.step}", flush=True)
+    return state
+
+
+def step_batches(worker: Worker, done: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(epoch, this worker's pairs) for each step after the first `done`: those of an uninterrupted run."""
+    spec = worker.spec
     shard = ray.train.get_dataset_shard("train")
-    started, first_step = time.time(), state["step"]
-    metrics: dict = {}
-    for epoch in range(state["step"] // steps_per_epoch, t.epochs):
-        batches = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=per_worker * 4, local_shuffle_seed=cfg.run.seed + epoch)
-        for index, raw in enumerate(batches):
-            if index >= steps_per_epoch:
+    for epoch in range(done // spec.steps_per_epoch, spec.train.epochs):
+        batches = shard.iter_batches(batch_size=worker.pairs_per_step, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=worker.pairs_per_step * 4,
+                                     local_shuffle_seed=spec.seed + epoch)
+        for index, batch in enumerate(batches):
+            if index >= spec.steps_per_epoch:
                 break
-            if epoch * steps_per_epoch + index < state["step"]:
-                continue  # already trained before the resume
-            step_start = time.time()
-            totals: dict[str, float] = {}
-            tokens, nonfinite_micro = 0, 0
-            micro = _micro_batches(_lists(raw), t.micro_batch_size)
-            for m, rows in enumerate(micro):
-                with engine.no_sync(m < len(micro) - 1):
-                    out, step_metrics, n_tokens = dpo_forward(engine.model, rows, tokenizer.pad_token_id, t)
-                    weight = len(rows["prompt_ids"]) / per_worker
-                    finite = _all_reduce([float(torch.isfinite(out.loss))], dist.ReduceOp.MIN)[0] > 0
-                    engine.backward(out.loss * weight if finite else _zero_loss(engine.model))
-                nonfinite_micro += not finite
-                tokens += n_tokens
-                for k, v in step_metrics.items():
-                    totals[k] = totals.get(k, 0.0) + v * weight
-            grad_norm, stepped = engine.step()
-            ok = stepped and nonfinite_micro == 0
-            state["step"] += 1
-            state["nonfinite_steps"] += not ok
-            state["nonfinite_in_a_row"] = 0 if ok else state["nonfinite_in_a_row"] + 1
-            if state["nonfinite_in_a_row"] >= t.max_nonfinite_steps:
-                raise NonFiniteError(
-                    f"train: {state['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient "
-                    f"(last at step {state['step']}); see train.max_nonfinite_steps"
-                )
-            reduced = _all_reduce([totals.get(k, float("nan")) for k in sorted(totals)] + [tokens])
-            metrics = {k: v / world for k, v in zip(sorted(totals), reduced[:-1])}
-            step_tokens = reduced[-1]
-            state["tokens"] += step_tokens
-            elapsed = time.time() - step_start
-            metrics.update({
-                "grad_norm": grad_norm, "learning_rate": engine.lr(), "tokens_per_s": step_tokens / elapsed,
-                "pairs_per_s": t.batch_size / elapsed, "epoch": epoch, "nonfinite_steps": state["nonfinite_steps"],
-            })
-            if rank == 0:
-                done = state["step"] - first_step
-                eta = (time.time() - started) / done * (total_steps - state["step"])
-                print(f"[train] step {state['step']}/{total_steps} loss {metrics['loss']:.4f} "
-                      f"acc {metrics['rewards/accuracies']:.2f} margin {metrics['rewards/margins']:.3f} "
-                      f"{metrics['tokens_per_s']:.0f} tok/s ETA {_format_eta(eta)}", flush=True)
-                if tracker:
-                    from mlflow.entities import Metric
+            if epoch * spec.steps_per_epoch + index >= done:
+                yield epoch, batch
 
-                    now = int(time.time() * 1000)
-                    tracker.log_batch(config["mlflow_run_id"], metrics=[
-                        Metric(k, float(v), now, state["step"]) for k, v in metrics.items() if math.isfinite(v)])
-            last = state["step"] == total_steps
-            if last or state["step"] % t.checkpoint_every == 0:
-                with tempfile.TemporaryDirectory() as tmp:
-                    engine.save(Path(tmp), rank, tokenizer)
-                    if rank == 0:
-                        (Path(tmp) / "trainer_state.json").write_text(json.dumps(state))
-                    has_files = any(Path(tmp).iterdir())
-                    ray.train.report({**metrics, "step": state["step"]},
-                                     checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
+
+def train_step(worker: Worker, state: TrainState, epoch: int, batch: dict[str, np.ndarray]) -> dict[str, float]:
+    """One optimizer step on this worker's pairs; counts it in `state` and returns its metrics, averaged over
+    workers. Raises NonFiniteError when train.max_nonfinite_steps steps in a row were not finite."""
+    t = worker.spec.train
+    started = time.time()
+    totals, tokens, finite = accumulate_gradients(worker, _lists(batch))
+    grad_norm, stepped = worker.engine.step()
+    state.count_step(stepped and finite, t.max_nonfinite_steps)
+    reduced = _all_reduce([totals[k] for k in sorted(totals)] + [tokens])
+    metrics = {k: v / worker.world for k, v in zip(sorted(totals), reduced[:-1])}
+    step_tokens = reduced[-1]
+    state.tokens += step_tokens
+    elapsed = time.time() - started
+    metrics.update({
+        "grad_norm": grad_norm, "learning_rate": worker.engine.lr(), "tokens_per_s": step_tokens / elapsed,
+        "pairs_per_s": t.batch_size / elapsed, "epoch": epoch, "nonfinite_steps": state.nonfinite_steps,
+    })
+    return metrics
+
+
+def accumulate_gradients(worker: Worker, rows: dict[str, list]) -> tuple[dict[str, float], int, bool]:
+    """Forward and backward of one step's rows in micro-batches, each weighted by its share of the worker's pairs:
+    (metrics weighted alike, pair tokens, whether every micro-batch's loss was finite on every worker)."""
+    t, engine = worker.spec.train, worker.engine
+    totals: dict[str, float] = {}
+    tokens, all_finite = 0, True
+    micro = _micro_batches(rows, t.micro_batch_size)
+    for m, micro_rows in enumerate(micro):
+        with engine.no_sync(m < len(micro) - 1):
+            out, step_metrics, n_tokens = dpo_forward(engine.model, micro_rows, worker.tokenizer.pad_token_id, t)
+            weight = len(micro_rows["prompt_ids"]) / worker.pairs_per_step
+            finite = _all_reduce([float(torch.isfinite(out.loss))], dist.ReduceOp.MIN)[0] > 0
+            engine.backward(out.loss * weight if finite else _zero_loss(engine.model))
+        all_finite = all_finite and finite
+        tokens += n_tokens
+        for k, v in step_metrics.items():
+            totals[k] = totals.get(k, 0.0) + v * weight
+    return totals, tokens, all_finite
+
+
+def log_step(worker: Worker, state: TrainState, metrics: dict[str, float], eta: float) -> None:
+    """Rank 0 prints the step's line and logs its metrics to the stage's MLflow run."""
+    if worker.rank != 0:
+        return
+    print(f"[train] step {state.step}/{worker.spec.total_steps} loss {metrics['loss']:.4f} "
+          f"acc {metrics['rewards/accuracies']:.2f} margin {metrics['rewards/margins']:.3f} "
+          f"{metrics['tokens_per_s']:.0f} tok/s ETA {_format_eta(eta)}", flush=True)
+    if worker.tracker:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        worker.tracker.log_batch(worker.spec.mlflow_run_id, metrics=[
+            Metric(k, float(v), now, state.step) for k, v in metrics.items() if math.isfinite(v)])
+
+
+def save_checkpoint(worker: Worker, state: TrainState, metrics: dict[str, float]) -> None:
+    """Every rank saves its part; Ray Train keeps the folder as the run's latest checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        worker.engine.save(Path(tmp), worker.rank, worker.tokenizer)
+        if worker.rank == 0:
+            (Path(tmp) / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        has_files = any(Path(tmp).iterdir())
+        ray.train.report({**metrics, "step": state.step},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
 
 
 def epoch_layout(pairs: int, batch_size: int) -> tuple[int, int]:
@@ -210,17 +304,16 @@ def epoch_layout(pairs: int, batch_size: int) -> tuple[int, int]:
     return steps, steps * batch_size - pairs
 
 
-def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, mlflow_run_id: str | None) -> dict:
-    """Train on the reference Parquet; the final policy lands in <out_dir>/policy as a safetensors folder."""
-    from ray.train.torch import TorchConfig, TorchTrainer
+def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
+    init = cfg.train.init_from
+    return {**keys.policy(cfg), "reference": digests["reference"], "train": cfg.train.model_dump(),
+            "init": model_fingerprint(init) if init else None}
 
-    t = cfg.train
-    # In a seeded order of its own: Ray Data may lay the same reference rows out in another order from run to run
-    # (files, blocks), and batches in another order train another policy. Materialized up front: the read then
-    # never competes with the training workers for CPUs.
-    ordered = (ray.data.read_parquet(reference_path)
-               .map_batches(with_order_key, fn_kwargs={"seed": cfg.run.seed}, batch_format="pyarrow")
-               .sort(_ORDER_KEY).drop_columns([_ORDER_KEY]).materialize())
+
+def run(ctx: StageContext) -> dict:
+    """Train on the reference Parquet; the final policy lands in <out>/policy as a safetensors folder."""
+    cfg, t = ctx.cfg, ctx.cfg.train
+    ordered = _seeded_order(str(ctx.sources["reference"]), cfg.run.seed)
     pairs = ordered.count()
     if pairs < t.batch_size:
         raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the {pairs} pairs available")
@@ -228,25 +321,51 @@ def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, ml
     if repeated:
         # Every pair trains each epoch: the last batch is filled with the first pairs of the seeded order (as
         # PyTorch's DistributedSampler pads), rather than the remainder being dropped unseen.
-        print(f"[dpo-ray] train: {pairs} pairs at train.batch_size={t.batch_size}: the last batch of each epoch "
-              f"repeats {repeated} pair(s) to train the {pairs % t.batch_size} left over", flush=True)
+        log.info(f"train: {pairs} pairs at train.batch_size={t.batch_size}: the last batch of each epoch "
+                 f"repeats {repeated} pair(s) to train the {pairs % t.batch_size} left over")
         ordered = ordered.union(ordered.limit(repeated)).materialize()
+    dataset = _worker_blocks(ordered, pairs + repeated, t.num_workers)
+    result = _trainer(cfg, dataset, steps_per_epoch, ctx.key, ctx.run_id).fit()
+    if result.checkpoint is None:
+        raise RuntimeError("train: Ray Train finished without a checkpoint")
+    with result.checkpoint.as_directory() as path:
+        shutil.copytree(Path(path) / POLICY_DIR, ctx.out / POLICY_DIR)
+        state = json.loads((Path(path) / "trainer_state.json").read_text())
+    # Per-step values are already in MLflow under their own names; the stage summary keeps the last step's.
+    final = {f"final/{k}": v for k, v in result.metrics.items()
+             if isinstance(v, (int, float)) and k not in ("step", "nonfinite_steps")}
+    return {**final, "pairs": pairs, "pairs_repeated_per_epoch": repeated, "steps": state["step"],
+            "nonfinite_steps": state["nonfinite_steps"], "tokens": state["tokens"],
+            "resumed_from": state["resumed_from"]}
+
+
+def _seeded_order(reference_path: str, seed: int) -> ray.data.Dataset:
+    # In a seeded order of its own: Ray Data may lay the same reference rows out in another order from run to run
+    # (files, blocks), and batches in another order train another policy. Materialized up front: the read then
+    # never competes with the training workers for CPUs.
+    return (ray.data.read_parquet(reference_path)
+            .map_batches(with_order_key, fn_kwargs={"seed": seed}, batch_format="pyarrow")
+            .sort(_ORDER_KEY).drop_columns([_ORDER_KEY]).materialize())
+
+
+def _worker_blocks(ordered: ray.data.Dataset, rows: int, num_workers: int) -> ray.data.Dataset:
     # The sort's output blocks follow the input's files and read blocks, and the split between workers follows
     # the blocks: blocks cut at fixed row indices give every worker the same pairs whatever the file layout.
-    blocks = t.num_workers * max(1, math.ceil((pairs + repeated) / (t.num_workers * _PAIRS_PER_BLOCK)))
-    dataset = ordered.repartition(blocks, shuffle=False).materialize()
-    import mlflow
+    blocks = num_workers * max(1, math.ceil(rows / (num_workers * _PAIRS_PER_BLOCK)))
+    return ordered.repartition(blocks, shuffle=False).materialize()
 
-    trainer = TorchTrainer(
+
+def _trainer(cfg: PipelineConfig, dataset: ray.data.Dataset, steps_per_epoch: int, run_key: str,
+             mlflow_run_id: str | None):
+    import mlflow
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    spec = WorkerSpec(t, ModelSpec.of(cfg, t.init_from or cfg.model.policy), cfg.run.seed, steps_per_epoch,
+                      steps_per_epoch * t.epochs, mlflow_run_id, mlflow.get_tracking_uri())
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json"),
-            "init_model": t.init_from or cfg.model.policy,
-            "steps_per_epoch": steps_per_epoch,
-            "total_steps": steps_per_epoch * t.epochs,
-            "mlflow_run_id": mlflow_run_id,
-            "tracking_uri": mlflow.get_tracking_uri(),
-        },
+        train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker, **t.resources}),
         run_config=ray.train.RunConfig(
@@ -259,18 +378,6 @@ def run(cfg: PipelineConfig, reference_path: str, out_dir: str, run_key: str, ml
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("train: Ray Train finished without a checkpoint")
-    with result.checkpoint.as_directory() as path:
-        shutil.copytree(Path(path) / POLICY_DIR, Path(out_dir) / POLICY_DIR)
-        state = json.loads((Path(path) / "trainer_state.json").read_text())
-    # Per-step values are already in MLflow under their own names; the stage summary keeps the last step's.
-    final = {f"final/{k}": v for k, v in result.metrics.items()
-             if isinstance(v, (int, float)) and k not in ("step", "nonfinite_steps")}
-    return {**final, "pairs": pairs, "pairs_repeated_per_epoch": repeated, "steps": state["step"],
-            "nonfinite_steps": state["nonfinite_steps"], "tokens": state["tokens"],
-            "resumed_from": state["resumed_from"]}
 
 
 def _worker_env(cfg: PipelineConfig) -> dict:
@@ -288,12 +395,3 @@ def _worker_env(cfg: PipelineConfig) -> dict:
     env["MALLOC_ARENA_MAX"] = os.environ.get("MALLOC_ARENA_MAX", "2")
     return env
 
-
-def main(argv: list[str] | None = None) -> None:
-    from dpo_ray.cli import stage_entry
-
-    stage_entry("train", argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,11 @@
+"""Reusable operators of the stages, each a Ray Data callable (an actor holding a model, or a plain function) and
+the function that maps it over a dataset:
+
+- `samplers`: completions of prompts (transformers or vLLM);
+- `scorers`: summed completion log-probs under a model, and the reference cache;
+- `rewards`: the labelers (sentiment, reward model, implicit reward) behind one interface;
+- `prompts`: the user's prompts validated and split into train and held-out.
+
+Stages import these, never each other. An actor receives a small frozen spec of what it reads, built from the
+validated config in the driver.
+"""

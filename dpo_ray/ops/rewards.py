@@ -1,0 +1,151 @@
+"""The labelers: each appends a reward column to a Ray dataset of completions (prompt/completion text and
+prompt_ids/completion_ids), higher is better.
+
+- `sentiment`: VADER compound sentiment of the completion, in [-1, 1];
+- `reward_model`: any local AutoModelForSequenceClassification folder with a single output;
+- `implicit`: the DPO implicit reward beta*log(pi/pi_ref) of a given policy and reference (self-labeling).
+
+A labeler is one class with `check()` (driver-side, before any work) and `add_rewards(ds, column, sampled_by)`;
+adding one is adding a class to `LABELERS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+
+from dpo_ray.config import PipelineConfig
+from dpo_ray.errors import ModelError
+from dpo_ray.models import ModelSpec, device_for, resolve_model, set_torch_threads
+from dpo_ray.ops.scorers import completion_logps_column
+
+
+class SentimentScorer:
+    def __init__(self, column: str = "reward"):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.analyzer = SentimentIntensityAnalyzer()
+        self.column = column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scores = [self.analyzer.polarity_scores(text)["compound"] for text in batch["completion"].to_pylist()]
+        return batch.append_column(self.column, pa.array(scores, pa.float64()))
+
+
+class RewardModelScorer:
+    """Ray Data callable: the reward model's score of each (prompt, completion), rendered with its chat template."""
+
+    def __init__(self, model: ModelSpec, batch_size: int, column: str = "reward"):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        set_torch_threads(model.torch_threads)
+        self.column, self.batch_size = column, batch_size
+        local = resolve_model(model.path)
+        self.device = device_for(ray.get_gpu_ids())
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            local, trust_remote_code=model.trust_remote_code, use_safetensors=True).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=model.trust_remote_code)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    def _render(self, prompt: str, completion: str) -> str:
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], tokenize=False)
+        return f"{prompt}\n{completion}"
+
+    @torch.inference_mode()
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = [self._render(p, c) for p, c in zip(batch["prompt"].to_pylist(), batch["completion"].to_pylist())]
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
+                                 return_tensors="pt").to(self.device)
+            scores += self.model(**enc).logits[:, 0].float().tolist()
+        return batch.append_column(self.column, pa.array(scores, pa.float64()))
+
+
+@dataclass
+class Labeler:
+    cfg: PipelineConfig
+
+    def check(self) -> None:
+        """Raise a user error (config, model) in the driver, before any data is read or generated."""
+
+    def add_rewards(self, ds: ray.data.Dataset, column: str, sampled_by: str | None) -> ray.data.Dataset:
+        """`ds` with `column` (float64) appended; `sampled_by` names the model that sampled every row, if known."""
+        raise NotImplementedError
+
+
+class Sentiment(Labeler):
+    def add_rewards(self, ds: ray.data.Dataset, column: str, sampled_by: str | None) -> ray.data.Dataset:
+        return ds.map_batches(SentimentScorer, fn_constructor_kwargs={"column": column}, batch_format="pyarrow",
+                              batch_size=self.cfg.label.batch_size,
+                              compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+
+
+class RewardModel(Labeler):
+    def check(self) -> None:
+        """A missing reward model folder, or a head that does not give one score per sequence (a 2-class
+        sentiment classifier, say), fails here in the driver rather than in an actor later."""
+        from transformers import AutoConfig
+
+        path = self.cfg.label.reward_model
+        config = AutoConfig.from_pretrained(resolve_model(path), trust_remote_code=self.cfg.model.trust_remote_code)
+        if config.num_labels != 1:
+            raise ModelError(f"label.reward_model: {path} has a {config.num_labels}-output head; a reward model "
+                             "needs a single-score head (num_labels=1)")
+
+    def add_rewards(self, ds: ray.data.Dataset, column: str, sampled_by: str | None) -> ray.data.Dataset:
+        cfg = self.cfg
+        return ds.map_batches(
+            RewardModelScorer,
+            fn_constructor_kwargs={"model": ModelSpec.of(cfg, cfg.label.reward_model),
+                                   "batch_size": cfg.label.batch_size, "column": column},
+            batch_format="pyarrow", batch_size=cfg.label.batch_size * 4,
+            compute=ray.data.ActorPoolStrategy(size=cfg.reference.num_actors), **cfg.reference.actor_resources(),
+        )
+
+
+class ImplicitReward(Labeler):
+    def add_rewards(self, ds: ray.data.Dataset, column: str, sampled_by: str | None) -> ray.data.Dataset:
+        """`sampled_by`: the model whose `sample_logp` every row carries, if one did; its log-probs are then taken
+        from the sampler instead of scored again where they are exact."""
+        cfg, lab = self.cfg, self.cfg.label
+        ds = completion_logps_column(ds, cfg, lab.implicit_policy or cfg.model.policy, "_implicit_policy_logp",
+                                     sampled_by)
+        ds = completion_logps_column(ds, cfg, lab.implicit_reference or cfg.reference_model,
+                                     "_implicit_reference_logp", sampled_by)
+        beta = lab.implicit_beta
+
+        def implicit_reward(batch: pa.Table) -> pa.Table:
+            diff = pc.subtract(batch["_implicit_policy_logp"], batch["_implicit_reference_logp"])
+            batch = batch.drop_columns(["_implicit_policy_logp", "_implicit_reference_logp"])
+            return batch.append_column(column, pc.multiply(diff, beta))
+
+        return ds.map_batches(implicit_reward, batch_format="pyarrow")
+
+
+LABELERS = {"sentiment": Sentiment, "reward_model": RewardModel, "implicit": ImplicitReward}
+
+
+def labeler(cfg: PipelineConfig, name: str) -> Labeler:
+    """The labeler config key `name` selects (label.labeler, label.filter_labeler, evaluate.labeler)."""
+    return LABELERS[name](cfg)
+
+
+def check_labeler(cfg: PipelineConfig, name: str | None) -> None:
+    """Fail in the driver before a stage reads or generates anything, not in an actor later."""
+    if name is not None:
+        labeler(cfg, name).check()
+
+
+def add_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, name: str | None = None,
+                sampled_by: str | None = None, column: str = "reward") -> ray.data.Dataset:
+    """`ds` with a `column` of rewards from labeler `name` (default: label.labeler)."""
+    return labeler(cfg, name or cfg.label.labeler).add_rewards(ds, column, sampled_by)
