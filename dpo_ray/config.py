@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from dpo_ray.errors import ConfigError
 from dpo_ray.losses import LossType
+from dpo_ray.quality import MOVIE_REVIEW_WORDS
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 BUILTIN_TINY = "builtin:tiny-llama"
@@ -203,6 +204,10 @@ class EvaluateConfig(_Section):
     # Temperature 1 samples the policy itself, which the Monte-Carlo KL estimate assumes.
     temperature: float = Field(1.0, gt=0)
     num_examples: int = Field(8, ge=0)
+    # The on-task measure (quality.on_task): a completion is on task if it uses one of these words or mentions the
+    # prompt's quoted title. The default is for movie reviews (data/prompts/movie_reviews.jsonl); set your own
+    # dataset's words, or [] to count title mentions alone.
+    on_task_words: list[str] = list(MOVIE_REVIEW_WORDS)
     # The model the policy is judged against; None: the reference model. Rounds after the first set it to the
     # initial reference, so every round is judged against the same model whatever it trains against.
     baseline: str | None = None

@@ -51,20 +51,43 @@ def write_frontier_report(points: list[dict], run_dir: Path) -> str:
     return table
 
 
+# Text quality per round (evaluate's quality measures): rounds.json key suffix, rounds.md column, its format.
+ROUND_QUALITY = (("fluency", "fluency", "{:.2f}"), ("distinct_2", "distinct-2", "{:.3f}"),
+                 ("non_dictionary_share", "non-dictionary", "{:.1%}"), ("on_task_share", "on task", "{:.0%}"),
+                 ("eos_share", "EOS", "{:.0%}"))
+
+
+def _round_row(r: dict) -> dict:
+    """One round's rounds.json entry; the quality measures as policy_<name> and initial_<name> (the baseline)."""
+    m, lab = r["metrics"], r["label"]
+    row = {"round": r["round"], "policy_reward": m["policy_reward"], "initial_reward": m["reference_reward"],
+           "win_rate_vs_initial": m["win_rate"], "kl_to_initial": m["kl"], "pairs": lab.get("pairs"),
+           "tie_rate": lab.get("ties_dropped", 0) / max(lab.get("prompts", 0), 1)}
+    for name, _, _ in ROUND_QUALITY:
+        row[f"policy_{name}"] = m.get(f"policy_{name}", float("nan"))
+        row[f"initial_{name}"] = m.get(f"reference_{name}", float("nan"))
+    return row
+
+
+def _quality_cells(row: dict, who: str) -> str:
+    return " | ".join(fmt.format(row[f"{who}_{name}"]) for name, _, fmt in ROUND_QUALITY)
+
+
 def write_round_report(rounds: list[dict], run_dir: Path) -> str:
-    """rounds.json, rounds.md (the table, also returned) and rounds.png: each round against the initial model."""
-    rows = []
-    for r in rounds:
-        m, lab = r["metrics"], r["label"]
-        rows.append({"round": r["round"], "policy_reward": m["policy_reward"], "initial_reward": m["reference_reward"],
-                     "win_rate_vs_initial": m["win_rate"], "kl_to_initial": m["kl"], "pairs": lab.get("pairs"),
-                     "tie_rate": lab.get("ties_dropped", 0) / max(lab.get("prompts", 0), 1)})
+    """rounds.json, rounds.md (the table, also returned) and rounds.png: each round against the initial model.
+
+    The quality columns (evaluate's text-quality measures; fluency is the mean per-token log-prob under the initial
+    model) are each round's policy's, and the initial model's in the last row (round 1's evaluation of it)."""
+    rows = [_round_row(r) for r in rounds]
     artifacts.write_json_atomic(run_dir / "rounds.json", {"rounds": rows})
-    header = "| round | policy reward | initial reward | win rate vs initial | KL to initial | pairs | tie rate |"
-    lines = [header, "|---|---|---|---|---|---|---|"]
+    header = ("| round | policy reward | initial reward | win rate vs initial | KL to initial | pairs | tie rate | "
+              + " | ".join(column for _, column, _ in ROUND_QUALITY) + " |")
+    lines = [header, "|---|---|---|---|---|---|---|" + "---|" * len(ROUND_QUALITY)]
     lines += [f"| {r['round']} | {r['policy_reward']:+.3f} | {r['initial_reward']:+.3f} | "
-              f"{r['win_rate_vs_initial']:.1%} | {r['kl_to_initial']:.2f} | {r['pairs']} | {r['tie_rate']:.1%} |"
-              for r in rows]
+              f"{r['win_rate_vs_initial']:.1%} | {r['kl_to_initial']:.2f} | {r['pairs']} | {r['tie_rate']:.1%} | "
+              f"{_quality_cells(r, 'policy')} |" for r in rows]
+    lines.append(f"| initial model | | {rows[0]['initial_reward']:+.3f} | | | | | "
+                 f"{_quality_cells(rows[0], 'initial')} |")
     table = "\n".join(lines)
     (run_dir / "rounds.md").write_text(table + "\n")
     plot_reward_vs_kl(
@@ -83,6 +106,9 @@ def print_summary(summary: dict) -> None:
         f"  trained policy: {summary['policy']}",
         f"  held-out reward (last round): policy {m['policy_reward']:+.3f} vs reference {m['reference_reward']:+.3f}; "
         f"win rate {m['win_rate']:.1%}; KL {m['kl']:.2f} nats; implicit accuracy {m['implicit_accuracy']:.1%}",
+        "  held-out text (policy vs reference): " + "; ".join(
+            f"{column} {fmt.format(m.get('policy_' + name, float('nan')))} vs "
+            f"{fmt.format(m.get('reference_' + name, float('nan')))}" for name, column, fmt in ROUND_QUALITY),
         f"  MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}",
     ]
     if summary["tracking_uri"].startswith("sqlite:///"):

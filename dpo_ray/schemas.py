@@ -65,7 +65,10 @@ EVAL_SAMPLES = _schema(
     model=pa.string(),  # "policy" or "reference"
     sample_index=pa.int32(),
     completion=pa.string(), completion_tokens=pa.int32(),
+    finish_reason=pa.string(),  # as in COMPLETIONS: "stop" (ended in EOS) or "length"
     reward=pa.float64(),
+    # "reference" here, as in `model`, is the baseline evaluate judges against (cfg.baseline_model: evaluate.baseline,
+    # by default the reference model; the initial reference in every round).
     policy_logp=pa.float64(), reference_logp=pa.float64(),
 )
 

@@ -10,11 +10,11 @@ import pytest
 from dpo_ray.stages.evaluate import compute_metrics
 
 
-def row(prompt_id, model, index, reward, policy_logp, reference_logp, tokens=5):
+def row(prompt_id, model, index, reward, policy_logp, reference_logp, tokens=5, completion=None, finish="length"):
     return {
         "prompt_id": prompt_id, "prompt": f"prompt {prompt_id}", "model": model, "sample_index": index,
-        "completion": f"{prompt_id}/{model}/{index}", "completion_tokens": tokens, "reward": reward,
-        "policy_logp": policy_logp, "reference_logp": reference_logp,
+        "completion": completion or f"{prompt_id}/{model}/{index}", "completion_tokens": tokens,
+        "finish_reason": finish, "reward": reward, "policy_logp": policy_logp, "reference_logp": reference_logp,
     }
 
 
@@ -94,3 +94,30 @@ def test_all_ties_give_no_pairs():
     assert math.isnan(m["implicit_accuracy"])
     assert m["win_rate"] == 0.5
     assert math.isnan(m["win_rate_stderr"])  # a single comparison has no standard error
+
+
+def test_text_quality_of_both_models():
+    m = compute_metrics(ROWS, beta=0.1)
+    # Fluency: each model's completions under the baseline ("reference_logp"), per token.
+    assert m["policy_fluency"] == pytest.approx(statistics.fmean([-11 / 4, -12.5 / 6, -8.5 / 8, -7 / 2, -5.2 / 10]))
+    assert m["reference_fluency"] == pytest.approx(statistics.fmean([-8.5 / 3, -4 / 9, -1 / 5, -9 / 7, -4.1 / 1]))
+    for model in ("policy", "reference"):
+        for name in ("distinct_1", "distinct_2", "repeated_3gram_share", "non_dictionary_share",
+                     "non_alpha_token_share", "eos_share", "on_task_share", "title_mention_share"):
+            assert f"{model}_{name}" in m
+        assert m[f"{model}_eos_share"] == 0.0
+
+
+def test_text_quality_per_model_and_on_task_words():
+    rows = [
+        row("a", "policy", 0, 1.0, -1, -4, tokens=4, completion="thx thx thx thx", finish="length"),
+        row("a", "reference", 0, 0.0, -1, -2, tokens=4, completion="A great recipe here", finish="stop"),
+    ]
+    m = compute_metrics(rows, beta=0.1, on_task_words=["recipe"])
+    assert m["policy_distinct_1"] == pytest.approx(1 / 4) and m["reference_distinct_1"] == 1.0
+    assert m["policy_repeated_3gram_share"] == 1.0 and m["reference_repeated_3gram_share"] == 0.0
+    assert m["policy_non_dictionary_share"] == 1.0 and m["reference_non_dictionary_share"] == 0.0
+    assert m["policy_eos_share"] == 0.0 and m["reference_eos_share"] == 1.0
+    assert m["policy_on_task_share"] == 0.0 and m["reference_on_task_share"] == 1.0
+    assert m["policy_fluency"] == -1.0 and m["reference_fluency"] == -0.5
+    assert compute_metrics(rows, beta=0.1)["reference_on_task_share"] == 0.0  # not movie-review words

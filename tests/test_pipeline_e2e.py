@@ -96,6 +96,13 @@ def test_evaluation_artifacts(tiny_run):
     for key in ("policy_reward", "reference_reward", "win_rate", "kl", "implicit_accuracy"):
         assert key in metrics
     assert 0.0 <= metrics["win_rate"] <= 1.0
+    # Text quality beside the reward, for both models (dpo_ray.quality).
+    for model in ("policy", "reference"):
+        assert metrics[f"{model}_fluency"] < 0.0
+        for name in ("distinct_1", "distinct_2", "eos_share", "on_task_share"):
+            assert 0.0 <= metrics[f"{model}_{name}"] <= 1.0, (model, name)
+    samples = schemas.read_table(run_dir / "evaluate" / "eval_samples", schemas.EVAL_SAMPLES)
+    assert set(samples["finish_reason"].to_pylist()) <= {"stop", "length"}
     assert (run_dir / "evaluate" / "reward_vs_kl.png").stat().st_size > 1000
     assert "reward" in (run_dir / "evaluate" / "examples.md").read_text()
 
@@ -106,9 +113,10 @@ def test_mlflow_parent_and_stage_runs(tiny_run):
     parent = the_parent_run(runs)
     assert parent.data.tags["dpo_ray.run_dir"] == str(run_dir)
     assert parent.data.params["train.beta"] == "0.1"
-    assert "eval/win_rate" in parent.data.metrics
+    assert "eval/win_rate" in parent.data.metrics and "eval/policy_distinct_2" in parent.data.metrics
     children = {r.data.tags["dpo_ray.stage"]: r for r in runs_under(parent, runs)}
     assert set(children) == set(STAGES)
+    assert {"policy_fluency", "reference_fluency"} <= set(children["evaluate"].data.metrics)
     train_run = children["train"]
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens_per_s"):

@@ -7,7 +7,10 @@ model with the transformers backend, the sampler's identical log-prob). Reported
   reference on the same prompt, ties counting one half;
 - KL(pi || pi_ref) per sequence, the Monte-Carlo mean of log pi(y|x) - log pi_ref(y|x) over policy samples;
 - implicit-reward accuracy on held-out pairs: among each prompt's samples of both models, the best and worst
-  under the labeler form a pair, and the policy's implicit reward beta*log(pi/pi_ref) should rank them alike.
+  under the labeler form a pair, and the policy's implicit reward beta*log(pi/pi_ref) should rank them alike;
+- each model's text quality (dpo_ray.quality, keys `policy_*` and `reference_*`): fluency under the baseline,
+  distinct-1/2, repeated 3-grams, non-dictionary words, non-word tokens, EOS endings, staying on task; a reward can
+  rise while these fall (self-labeling rounds do).
 Writes eval_samples.parquet, metrics.json, reward_vs_kl.png and examples.md. Without a `prompts` source (an offline
 run) the held-out prompts are split from data.prompts here, as the sample stage would.
 """
@@ -19,6 +22,7 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Sequence
 
 import pyarrow as pa
 
@@ -31,6 +35,7 @@ from dpo_ray.ops.rewards import add_rewards, check_labeler
 from dpo_ray.ops.samplers import sample_dataset
 from dpo_ray.ops.scorers import completion_logps_column
 from dpo_ray.pairs import build_pairs
+from dpo_ray.quality import MOVIE_REVIEW_WORDS, text_quality
 from dpo_ray.reports import plot_reward_vs_kl
 from dpo_ray.runner import StageContext
 
@@ -54,8 +59,8 @@ def _stderr(values: list[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
 
 
-def compute_metrics(rows: list[dict], beta: float) -> dict:
-    """Metrics from EVAL_SAMPLES rows (pure; unit-tested)."""
+def compute_metrics(rows: list[dict], beta: float, on_task_words: Sequence[str] = MOVIE_REVIEW_WORDS) -> dict:
+    """Metrics from EVAL_SAMPLES rows (pure; unit-tested), with each model's text quality (quality.text_quality)."""
     by_model = defaultdict(list)
     samples = defaultdict(dict)
     for r in rows:
@@ -78,7 +83,7 @@ def compute_metrics(rows: list[dict], beta: float) -> dict:
             implicit = [beta * (items[i]["policy_logp"] - items[i]["reference_logp"]) for i in (c, j)]
             correct.append(float(implicit[0] > implicit[1]))
     mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
-    return {
+    metrics = {
         "policy_reward": mean(policy_rewards),
         "policy_reward_stderr": _stderr(policy_rewards),
         "reference_reward": mean(reference_rewards),
@@ -93,6 +98,12 @@ def compute_metrics(rows: list[dict], beta: float) -> dict:
         "policy_completion_tokens": mean([r["completion_tokens"] for r in by_model["policy"]]),
         "reference_completion_tokens": mean([r["completion_tokens"] for r in by_model["reference"]]),
     }
+    # Fluency is judged by `reference_logp`: "reference" in EVAL_SAMPLES is the baseline model (cfg.baseline_model:
+    # the initial reference in every round), so both models' completions are scored by the same fixed model.
+    for model in ("policy", "reference"):
+        quality = text_quality(by_model[model], on_task_words, fluency_column="reference_logp")
+        metrics.update({f"{model}_{name}": value for name, value in quality.items()})
+    return metrics
 
 
 def _examples_markdown(rows: list[dict], count: int) -> str:
@@ -152,7 +163,7 @@ def run(ctx: StageContext) -> dict:
     samples = _samples(cfg, _held_out_prompts(ctx), models)
     samples.map_batches(_to_eval_schema, batch_format="pyarrow").write_parquet(str(out / "eval_samples"))
     rows = schemas.read_table(out / "eval_samples", schemas.EVAL_SAMPLES).to_pylist()
-    metrics = compute_metrics(rows, cfg.train.beta)
+    metrics = compute_metrics(rows, cfg.train.beta, cfg.evaluate.on_task_words)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_reward_vs_kl(
         [{"label": "reference", "kl": 0.0, "reward": metrics["reference_reward"],
