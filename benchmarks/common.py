@@ -265,3 +265,14 @@ def alternate(sides: dict, rounds: int) -> tuple[dict, dict, dict]:
             outputs[side].append(out)
             log(f"round {i} {side}: {clock.wall:.2f}s wall, {clock.cpu:.2f}s cpu, {out}; load {load_average()}")
     return times, cpu, outputs
+
+
+def trl_step(trainer, model, inputs: dict) -> torch.Tensor:
+    """One optimizer step of TRL's Trainer on collated `inputs`: its training_step, then what
+    Trainer._inner_training_loop does at an accumulation boundary. Returns the loss."""
+    loss = trainer.training_step(model, inputs)
+    trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    model.zero_grad()
+    return loss

@@ -30,6 +30,8 @@ import warnings
 
 import torch
 
+import common  # benchmarks/common.py: torch and the standard library only
+
 # Figure 1's TRL (benchmarks/README.md, "Environment"); the GPU machine gets the same as a wheel.
 TRL_VERSION = "1.16.0"
 
@@ -146,12 +148,7 @@ def trl_side(model, prompts: list, completions: list, beta: float, lr: float, de
 
     def step() -> tuple[torch.Tensor, int, list[int]]:
         inputs = collator(examples)
-        loss = trainer.training_step(trained, inputs)
-        # What Trainer._inner_training_loop does after training_step at an accumulation boundary.
-        trainer.accelerator.clip_grad_norm_(trained.parameters(), args.max_grad_norm)
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        trained.zero_grad()
+        loss = common.trl_step(trainer, trained, inputs)
         return loss, int(inputs["attention_mask"].sum()), list(inputs["input_ids"].shape)
 
     tokenized = {k: trainer.train_dataset[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}

@@ -144,12 +144,7 @@ def _trl_side(path: str, pairs: list[dict], tokenizer, batch: int, beta: float, 
                 ex["ref_chosen_logps"], ex["ref_rejected_logps"] = ref_c[j], ref_r[j]
             examples.append(ex)
         inputs = collator(examples)
-        loss = trainer.training_step(model, inputs)
-        # What Trainer._inner_training_loop does after training_step at an accumulation boundary.
-        trainer.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        model.zero_grad()
+        loss = common.trl_step(trainer, model, inputs)
         return {"tokens": int(inputs["attention_mask"].sum()), "loss": float(loss),
                 "shape": list(inputs["input_ids"].shape)}
 

@@ -64,10 +64,11 @@ def _entry_digests(root: Path) -> dict[str, dict]:
     """For the folder ('.') and each entry in it: the digest `keys.digest` would compute for it, and the stamp
     (names, sizes, mtimes) under which that digest stays valid."""
     records = _file_records(root)
+    by_path = {rel: (token, stamp) for rel, token, stamp in records}
     entries = {".": {"digest": _hash(f"{rel}:{token}" for rel, token, _ in records), "stamp": _stamp(records)}}
     for child in sorted(p for p in root.iterdir() if p.name != MANIFEST):
         if child.is_file():
-            rel, token, stamp = next(r for r in records if r[0] == child.name)
+            token, stamp = by_path[child.name]
             mine = [("", token, stamp)]
             digest = token if child.suffix in _DIGESTED else file_digest(child)
         else:
