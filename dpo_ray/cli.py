@@ -4,7 +4,7 @@
     dpo-ray frontier [--config ...] [frontier.betas=[0.05,0.1,0.5]] [frontier.losses=[sigmoid,ipo]]
     dpo-ray sample    --out DIR                               [--config ...] [overrides]
     dpo-ray label     --completions DIR --out DIR  |  --out DIR with data.preferences=FILE
-    dpo-ray reference --pairs DIR --out DIR
+    dpo-ray reference --pairs DIR --out DIR        [--replay EARLIER_PAIRS_DIR ...]
     dpo-ray train     --reference DIR --out DIR
     dpo-ray evaluate  --prompts PROMPTS.parquet --policy DIR --out DIR
 
@@ -28,7 +28,7 @@ from dpo_ray.cluster import check_run_root, init_ray
 from dpo_ray.config import PipelineConfig, load_config
 from dpo_ray.errors import find_user_error, one_line, tracking_store_error
 from dpo_ray.pipeline import run_frontier, run_pipeline
-from dpo_ray.runner import StageRunner
+from dpo_ray.runner import MANY, StageRunner
 from dpo_ray.stages import evaluate, label, reference, sample, train
 from dpo_ray.tracking import Tracker
 
@@ -44,8 +44,11 @@ def _parser(stage: str | None) -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.beta=0.2")
     if stage:
         parser.add_argument("--out", required=True, help="output folder (written atomically)")
-        for name, required in STAGES[stage].SOURCES.items():
-            parser.add_argument(f"--{name}", required=required)
+        for name, kind in STAGES[stage].SOURCES.items():
+            if kind == MANY:
+                parser.add_argument(f"--{name}", action="append", help="may be given several times")
+            else:
+                parser.add_argument(f"--{name}", required=kind)
     return parser
 
 
@@ -60,7 +63,9 @@ def stage_main(stage: str, argv: list[str] | None = None) -> None:
     check_run_root(cfg)
     init_ray(cfg)
     out = Path(args.out).resolve()
-    sources = {name: Path(getattr(args, name)) for name in STAGES[stage].SOURCES if getattr(args, name)}
+    given = {name: getattr(args, name) for name in STAGES[stage].SOURCES if getattr(args, name)}
+    sources = {name: [Path(p) for p in value] if isinstance(value, list) else Path(value)
+               for name, value in given.items()}
     manifest = StageRunner(Tracker(cfg))(STAGES[stage], cfg, out, sources)
     log.info(f"{stage} output: {out} ({artifacts.MANIFEST}: {manifest['key'][:12]})")
 

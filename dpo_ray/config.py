@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -122,7 +123,7 @@ class SampleConfig(_ActorPool):
 
 
 class LabelConfig(_Section):
-    labeler: Literal["sentiment", "reward_model", "implicit"] = "sentiment"
+    labeler: Literal["sentiment", "reward_model", "implicit", "judge"] = "sentiment"
     # reward_model labeler: a local AutoModelForSequenceClassification folder with one output.
     reward_model: str | None = None
     # implicit labeler: beta*log(policy/reference); both default to model.policy / model.reference.
@@ -133,9 +134,40 @@ class LabelConfig(_Section):
     min_margin: float = Field(0.0, ge=0)
     # An external reward that must not contradict the labeler (e.g. implicit self-labels filtered by sentiment):
     # a pair is kept only if this reward's gap, chosen minus rejected, is at least filter_min_margin.
-    filter_labeler: Literal["sentiment", "reward_model"] | None = None
+    filter_labeler: Literal["sentiment", "reward_model", "judge"] | None = None
     filter_min_margin: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1)
+    # judge labeler (ops/judge.py): a chat model compares two completions of a prompt, in both orders; a completion's
+    # reward is its mean win share against the prompt's other completions (win 1, tie 0.5, loss 0), in [0, 1].
+    # judge_model None: model.policy judges its own samples (self-rewarding, Yuan et al. 2024); else any model spec.
+    judge_model: str | None = None
+    # The judge's user message: a format string with {prompt}, {a} and {b} (a literal brace is {{ or }}) that asks
+    # for a one-letter answer, A or B.
+    judge_rubric: str = (
+        "Which response answers the prompt better? Judge how well each one does what the prompt asks: relevance, "
+        "accuracy, clarity and fluency.\n\n"
+        "Prompt:\n{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\n"
+        "Which response is better? Answer with A or B."
+    )
+    # A comparison is a tie when the judge's order-debiased preference, in nats of log-odds (log p(A) - log p(B)),
+    # is at most this. 0.05 (within 1.25 points of a coin flip) is far above the ~1e-4 of batching noise; with
+    # SmolLM2-135M judging 20 obvious pairs it kept 15 right verdicts and 1 wrong (0.1: 13 and the same 1; 0: 18, 2).
+    judge_tie_margin: float = Field(0.05, ge=0)
+
+    @field_validator("judge_rubric")
+    @classmethod
+    def _rubric_fields(cls, rubric: str) -> str:
+        try:
+            named = {name for _, name, _, _ in string.Formatter().parse(rubric) if name is not None}
+            rubric.format(prompt="", a="", b="")
+        except (ValueError, KeyError, IndexError, AttributeError) as err:
+            raise ValueError(f"label.judge_rubric: not a format string with only {{prompt}}, {{a}} and {{b}} "
+                             f"({type(err).__name__}: {err}); write a literal brace as {{{{ or }}}}") from None
+        missing = [f"{{{name}}}" for name in ("prompt", "a", "b") if name not in named]
+        if missing:
+            raise ValueError(f"label.judge_rubric: lacks {', '.join(missing)}; the judge must see the prompt and "
+                             "both responses")
+        return rubric
 
     @model_validator(mode="after")
     def _reward_model_needs_path(self) -> "LabelConfig":
@@ -155,6 +187,10 @@ class ReferenceConfig(_ActorPool):
     # Keep every scored sequence's log-prob under <run.root>/reference_cache/ and never score it twice with the
     # same reference model (later rounds, relabeled reruns, other runs under the same root).
     cache: bool = True
+    # Replay (iterative rounds): the share of the pairs this stage writes that are drawn from earlier rounds' pairs
+    # (the `replay` source: every earlier round's label/pairs); 0.25 adds one earlier pair per three new ones.
+    # Their log-probs come from the cache when the reference is unchanged.
+    replay_share: float = Field(0.0, ge=0, lt=1)
 
 
 class TrainConfig(_Section):
@@ -184,6 +220,10 @@ class TrainConfig(_Section):
     max_failures: int = Field(0, ge=-1)
     # Start from this model instead of model.policy (a later round's previous policy, say).
     init_from: str | None = None
+    # Keep the last checkpoint whose KL to evaluate.baseline (the initial model in rounds), probed on
+    # kl_probe_prompts held-out prompts, is at most this many nats (ops/kl_budget.py); None: keep the last.
+    kl_budget: float | None = Field(None, gt=0)
+    kl_probe_prompts: int = Field(16, ge=1)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
@@ -198,7 +238,7 @@ class TrainConfig(_Section):
 
 class EvaluateConfig(_Section):
     # The external reward that judges policy against reference; None: label.labeler.
-    labeler: Literal["sentiment", "reward_model"] | None = None
+    labeler: Literal["sentiment", "reward_model", "judge"] | None = None
     samples_per_prompt: int = Field(2, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)
     # Temperature 1 samples the policy itself, which the Monte-Carlo KL estimate assumes.
@@ -211,16 +251,35 @@ class EvaluateConfig(_Section):
     # The model the policy is judged against; None: the reference model. Rounds after the first set it to the
     # initial reference, so every round is judged against the same model whatever it trains against.
     baseline: str | None = None
+    # Labelers that score the same held-out samples but never train (sentiment, reward_model, judge): each one's mean
+    # reward and win rate is reported as audit_<name>_*, so a reward that only the training labeler sees shows.
+    audit_labelers: list[Literal["sentiment", "reward_model", "judge"]] = []
+    # The divergence flag (quality.divergence): raised when a text-quality measure of the policy is worse than the
+    # baseline's by more than this share of the baseline's value, or when an audit's win rate falls while the
+    # training labeler's rises.
+    quality_tolerance: float = Field(0.25, gt=0)
+
+    @field_validator("audit_labelers")
+    @classmethod
+    def _distinct(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluate.audit_labelers: {names} names a labeler twice")
+        return names
 
 
 class RoundsConfig(_Section):
     """Iterative DPO: round k samples from round k-1's policy, labels, scores the reference, trains, evaluates."""
 
     count: int = Field(1, ge=1)
-    # The reference of round k: the initial model, or round k-1's policy.
-    reference: Literal["initial", "previous"] = "initial"
+    # The reference of round k: the initial model, round k-1's policy, or TR-DPO's soft update (Gorbatovski et al.,
+    # 2024): round k-1's reference moved toward its policy, alpha*policy + (1-alpha)*reference, weight by weight.
+    reference: Literal["initial", "previous", "soft"] = "initial"
+    reference_alpha: float = Field(0.5, gt=0, le=1)
     # Round k's training starts from round k-1's policy, or again from the initial model.
     init: Literal["previous", "initial"] = "previous"
+    # KL to the initial model allowed at the last round, spent linearly: round k trains with train.kl_budget =
+    # k/count of it (a round's own train.kl_budget in `overrides` wins).
+    kl_budget: float | None = Field(None, gt=0)
     # Per-round config changes, e.g. {2: {label: {labeler: implicit}}} for self-labeling from round 2 on.
     overrides: dict[int, dict] = {}
 
@@ -269,8 +328,16 @@ class PipelineConfig(_Section):
                 lab.implicit_reference or self.reference_model):
             raise ValueError("label.implicit_policy: the implicit labeler needs a policy that differs from its "
                              "reference (use it from round 2 on via rounds.overrides, or set implicit_policy)")
-        if self.evaluate.labeler == "reward_model" and not self.label.reward_model:
-            raise ValueError("label.reward_model: required when evaluate.labeler is reward_model")
+        if "reward_model" in (self.evaluate.labeler, *self.evaluate.audit_labelers) and not self.label.reward_model:
+            raise ValueError("label.reward_model: required when evaluate.labeler or evaluate.audit_labelers names "
+                             "reward_model")
+        if self.rounds.kl_budget is not None and self.train.kl_budget is not None:
+            raise ValueError("rounds.kl_budget: set it or train.kl_budget, not both (rounds.kl_budget sets each "
+                             "round's train.kl_budget; rounds.overrides sets one round's)")
+        used = {self.evaluate.labeler or self.label.labeler, self.label.labeler, self.label.filter_labeler}
+        if used & set(self.evaluate.audit_labelers):
+            raise ValueError(f"evaluate.audit_labelers: {sorted(used & set(self.evaluate.audit_labelers))} already "
+                             "labels, filters or judges this run; an audit must be a labeler the run does not use")
         return self
 
     @property
@@ -340,29 +407,42 @@ def build_config(tree: dict) -> PipelineConfig:
         if not 1 <= k <= cfg.rounds.count:
             raise ConfigError(f"rounds.overrides.{k}: round {k} is outside 1..rounds.count ({cfg.rounds.count})")
     for k in range(1, cfg.rounds.count + 1):
+        lineage = (f"<round {k - 1} policy>", f"<round {k - 1} reference>", f"<round {k} soft reference>")
         try:
-            PipelineConfig.model_validate(_round_tree(cfg, k, f"<round {k - 1} policy>" if k > 1 else None))
+            PipelineConfig.model_validate(_round_tree(cfg, k, *(lineage if k > 1 else ())))
         except ValidationError as err:
             raise ConfigError(f"round {k}: {_one_line(err)}") from None
     return cfg
 
 
-def _round_tree(cfg: PipelineConfig, k: int, previous_policy: str | None) -> dict:
+def _round_tree(cfg: PipelineConfig, k: int, previous_policy: str | None = None,
+                previous_reference: str | None = None, soft_reference: str | None = None) -> dict:
     tree = merge(cfg.model_dump(mode="json"), cfg.rounds.overrides.get(k, {}))
-    tree["rounds"] = RoundsConfig().model_dump(mode="json")
+    # A round is one round; what it needs of `rounds` (the soft update's alpha) stays.
+    tree["rounds"] = RoundsConfig(reference=cfg.rounds.reference,
+                                  reference_alpha=cfg.rounds.reference_alpha).model_dump(mode="json")
     tree["evaluate"]["baseline"] = cfg.evaluate.baseline or cfg.reference_model
+    if cfg.rounds.kl_budget is not None and "kl_budget" not in cfg.rounds.overrides.get(k, {}).get("train", {}):
+        tree["train"]["kl_budget"] = cfg.rounds.kl_budget * k / cfg.rounds.count
     if previous_policy is not None:
-        tree["model"]["reference"] = cfg.reference_model if cfg.rounds.reference == "initial" else previous_policy
+        references = {"initial": cfg.reference_model, "previous": previous_policy, "soft": soft_reference}
+        tree["model"]["reference"] = references[cfg.rounds.reference]
         tree["model"]["policy"] = previous_policy
+        if cfg.rounds.reference != "initial":
+            # Self-labels score the previous policy against the reference it was trained against: the implicit
+            # reward its own DPO round optimized (the new reference would be the policy itself, or part of it).
+            tree["label"]["implicit_reference"] = tree["label"]["implicit_reference"] or previous_reference
         if cfg.rounds.init == "initial":
             tree["train"]["init_from"] = cfg.model.policy
         tree["run"]["seed"] = cfg.run.seed + k - 1
     return tree
 
 
-def round_config(cfg: PipelineConfig, k: int, previous_policy: str | None) -> PipelineConfig:
-    """The config of round k: its overrides applied, sampling from (and training on) the previous policy."""
-    return build_config(_round_tree(cfg, k, previous_policy))
+def round_config(cfg: PipelineConfig, k: int, previous_policy: str | None = None,
+                 previous_reference: str | None = None, soft_reference: str | None = None) -> PipelineConfig:
+    """The config of round k: its overrides applied, sampling from (and training on) the previous policy, against
+    the reference rounds.reference names (`soft_reference`: the soft_update stage's folder for this round)."""
+    return build_config(_round_tree(cfg, k, previous_policy, previous_reference, soft_reference))
 
 
 class _StrictLoader(yaml.SafeLoader):

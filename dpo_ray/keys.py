@@ -16,12 +16,15 @@ from dpo_ray.errors import InputError
 from dpo_ray.models import model_fingerprint
 
 
-def digest(path: str | Path, what: str) -> str:
-    """Digest of an input file or folder; `what` names it (a config key or a CLI option) if it is missing.
+def digest(path: str | Path | list, what: str) -> str:
+    """Digest of an input file or folder (or of a list of them, in order); `what` names it (a config key or a CLI
+    option) if it is missing.
 
     Inside a published stage folder the manifest's recorded digest is used while the files' sizes and
     modification times still match it (artifacts.recorded_digest), so a pipeline never hashes twice what it wrote.
     """
+    if isinstance(path, list):
+        return artifacts.input_key({"digests": [digest(p, what) for p in path]})
     p = Path(path)
     if not p.exists():
         raise InputError(f"{what}: {path} does not exist")
@@ -37,11 +40,18 @@ def limits(cfg: PipelineConfig) -> dict:
                                               "system_prompt")}
 
 
+def judge_fingerprint(cfg: PipelineConfig) -> str:
+    """The judge labeler's model: label.judge_model, or the policy itself (self-rewarding) when unset."""
+    return model_fingerprint(cfg.label.judge_model or cfg.model.policy)
+
+
 def labeler_fingerprints(cfg: PipelineConfig) -> dict:
     lab = cfg.label
     models = {}
     if "reward_model" in (lab.labeler, lab.filter_labeler):
         models["reward_model"] = model_fingerprint(lab.reward_model)
+    if "judge" in (lab.labeler, lab.filter_labeler):
+        models["judge"] = judge_fingerprint(cfg)
     if lab.labeler == "implicit":
         models["policy"] = model_fingerprint(lab.implicit_policy or cfg.model.policy)
         models["reference"] = model_fingerprint(lab.implicit_reference or cfg.reference_model)

@@ -169,6 +169,28 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: str | torch.device
     return model.to(device)
 
 
+def blend_weights(reference: dict[str, torch.Tensor], policy: dict[str, torch.Tensor],
+                  alpha: float) -> dict[str, torch.Tensor]:
+    """TR-DPO's soft reference update, alpha*policy + (1-alpha)*reference, for every floating-point tensor of two
+    state dicts of one architecture; other tensors (integer buffers) must agree and are kept. Computed in fp32."""
+    if reference.keys() != policy.keys():
+        raise ModelError(f"soft reference update: the policy and reference differ in their weights "
+                         f"({sorted(reference.keys() ^ policy.keys())[:3]} ...); they need one architecture")
+    blended = {}
+    for name, ref in reference.items():
+        pol = policy[name]
+        if ref.shape != pol.shape:
+            raise ModelError(f"soft reference update: {name} is {tuple(pol.shape)} in the policy but "
+                             f"{tuple(ref.shape)} in the reference")
+        if ref.is_floating_point():
+            blended[name] = (alpha * pol.float() + (1 - alpha) * ref.float()).to(ref.dtype)
+        elif torch.equal(ref, pol):
+            blended[name] = ref
+        else:
+            raise ModelError(f"soft reference update: non-float tensor {name} differs between policy and reference")
+    return blended
+
+
 def set_torch_threads(threads: int) -> None:
     """0 means every core this process may run on. Ray sets OMP_NUM_THREADS to an actor's logical num_cpus
     (1 by default), which would leave a model actor on one core of an otherwise idle node."""

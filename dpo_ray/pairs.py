@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
@@ -108,3 +109,18 @@ def _candidate_pairs(keep: list[int], scores: Sequence[float], mode: str) -> lis
 
 def _finite(x: float) -> bool:
     return x == x and x not in (float("inf"), float("-inf"))
+
+
+def replay_count(new_pairs: int, pool: int, share: float) -> int:
+    """How many earlier pairs to add to `new_pairs` so that they make `share` of the whole (at most the pool)."""
+    if share <= 0 or new_pairs == 0:
+        return 0
+    return min(pool, round(new_pairs * share / (1 - share)))
+
+
+def replay_choice(pair_ids: Sequence[str], count: int, seed: int) -> list[int]:
+    """The indices of `count` pairs drawn without replacement, each pair ranked by a hash of the seed and its id: the
+    same draw whatever order the pool was read in, and a larger count keeps every pair a smaller one drew."""
+    rank = sorted(range(len(pair_ids)),
+                  key=lambda i: hashlib.blake2b(f"{seed}:{pair_ids[i]}".encode(), digest_size=8).digest())
+    return sorted(rank[:count])

@@ -22,7 +22,8 @@ from dpo_ray.errors import ConfigError
 from dpo_ray.models import resolve_model
 from dpo_ray.reports import print_summary, report, write_frontier_report, write_round_report
 from dpo_ray.runner import StageRunner, check_writable
-from dpo_ray.stages import evaluate, label, reference, sample, train
+from dpo_ray.quality import divergence
+from dpo_ray.stages import evaluate, label, reference, sample, soft_update, train
 from dpo_ray.tracking import Tracker, numeric
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ class PreparedPairs:
     label_stats: dict
 
 
-def prepare_pairs(cfg: PipelineConfig, out: Path, stage: StageRunner) -> PreparedPairs:
-    """sample -> label -> reference (or import preference data -> reference) into `out`."""
+def prepare_pairs(cfg: PipelineConfig, out: Path, stage: StageRunner, replay: list[Path] = ()) -> PreparedPairs:
+    """sample -> label -> reference (or import preference data -> reference) into `out`; `replay`: earlier rounds'
+    pair folders the reference stage draws reference.replay_share of its pairs from."""
     if cfg.data.preferences:
         labeled = stage(label, cfg, out / "label")
         prompts_path = None
@@ -47,13 +49,15 @@ def prepare_pairs(cfg: PipelineConfig, out: Path, stage: StageRunner) -> Prepare
         prompts_path = out / "sample" / "prompts.parquet"
         labeled = stage(label, cfg, out / "label", {"completions": out / "sample" / "completions"},
                         sampled_by=cfg.model.policy)
-    stage(reference, cfg, out / "reference", {"pairs": out / "label" / "pairs"})
+    replayed = {"replay": list(replay)} if replay and cfg.reference.replay_share > 0 else {}
+    stage(reference, cfg, out / "reference", {"pairs": out / "label" / "pairs", **replayed})
     return PreparedPairs(out / "reference", prompts_path, labeled["stats"])
 
 
 def train_policy(cfg: PipelineConfig, out: Path, stage: StageRunner, pairs: PreparedPairs) -> Path:
     """train into `out/train`; returns the trained policy's folder."""
-    stage(train, cfg, out / "train", {"reference": pairs.reference_dir})
+    held_out = {"prompts": pairs.prompts_path} if cfg.train.kl_budget is not None and pairs.prompts_path else {}
+    stage(train, cfg, out / "train", {"reference": pairs.reference_dir, **held_out})
     return out / "train" / POLICY_DIR
 
 
@@ -64,9 +68,9 @@ def evaluate_policy(cfg: PipelineConfig, out: Path, stage: StageRunner, pairs: P
     return {"policy": str(policy), "metrics": evaluated["stats"]}
 
 
-def run_round(cfg: PipelineConfig, out: Path, stage: StageRunner) -> dict:
+def run_round(cfg: PipelineConfig, out: Path, stage: StageRunner, replay: list[Path] = ()) -> dict:
     """One round into `out`: {"policy", "metrics", "label"}."""
-    pairs = prepare_pairs(cfg, out, stage)
+    pairs = prepare_pairs(cfg, out, stage, replay)
     policy = train_policy(cfg, out, stage, pairs)
     return {**evaluate_policy(cfg, out, stage, pairs, policy), "label": pairs.label_stats}
 
@@ -96,23 +100,42 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     tracker, stage = start(cfg)
     rounds: list[dict] = []
     with tracker.parent() as parent:
-        previous = None
+        cfg_k = None
         for k in range(1, cfg.rounds.count + 1):
-            cfg_k = round_config(cfg, k, previous)
             if cfg.rounds.count == 1:
+                cfg_k = round_config(cfg, k)
                 result = run_round(cfg_k, run_dir, stage)
             else:
                 log.info(f"round {k}/{cfg.rounds.count}")
+                earlier = [run_dir / f"round_{j}" / "label" / "pairs" for j in range(1, k)]
                 with tracker.child(f"round_{k}"):
-                    result = run_round(cfg_k, run_dir / f"round_{k}", stage)
-                    tracker.mlflow.log_metrics(numeric(result["metrics"]))
+                    cfg_k = _next_round(cfg, k, cfg_k, rounds, stage)
+                    result = run_round(cfg_k, run_dir / f"round_{k}", stage, earlier)
+                    reasons = divergence(result["metrics"], rounds[-1]["metrics"] if rounds else None,
+                                         cfg.evaluate.quality_tolerance)
+                    tracker.mlflow.log_metrics({**numeric(result["metrics"]), "divergence": float(bool(reasons))})
+                for reason in reasons:
+                    log.warning(f"round {k}: divergence: {reason}")
             rounds.append({"round": k, **result})
-            previous = result["policy"]
         _log_last_round(tracker, cfg, rounds)
         summary = {"run_dir": str(run_dir), "policy": rounds[-1]["policy"], "mlflow_run_id": parent.info.run_id,
                    "tracking_uri": tracker.uri, "metrics": rounds[-1]["metrics"], "rounds": len(rounds)}
     print_summary(summary)
     return summary
+
+
+def _next_round(cfg: PipelineConfig, k: int, previous: PipelineConfig | None, rounds: list[dict],
+                stage: StageRunner) -> PipelineConfig:
+    """Round k's config; with rounds.reference=soft, its reference is blended first (stages/soft_update.py)."""
+    if previous is None:
+        return round_config(cfg, k)
+    policy = rounds[-1]["policy"]
+    soft = None
+    if cfg.rounds.reference == "soft":
+        soft = cfg.run_dir / f"round_{k}" / "soft_update"
+        stage(soft_update, previous, soft, {"policy": Path(policy)})
+        soft = str(soft)
+    return round_config(cfg, k, policy, previous.reference_model, soft)
 
 
 def _log_last_round(tracker: Tracker, cfg: PipelineConfig, rounds: list[dict]) -> None:
@@ -123,7 +146,7 @@ def _log_last_round(tracker: Tracker, cfg: PipelineConfig, rounds: list[dict]) -
     for name in ("reward_vs_kl.png", "examples.md", "metrics.json"):
         tracker.mlflow.log_artifact(str(evaluate_dir / name))
     if cfg.rounds.count > 1:
-        table = write_round_report(rounds, run_dir)
+        table = write_round_report(rounds, run_dir, cfg.evaluate.quality_tolerance)
         for name in ("rounds.json", "rounds.md", "rounds.png"):
             tracker.mlflow.log_artifact(str(run_dir / name))
         report.info("\n" + table)

@@ -158,3 +158,33 @@ def text_quality(rows: Sequence[dict], on_task_words: Iterable[str], fluency_col
         "on_task_share": _mean(float(t) for t, _ in task),
         "title_mention_share": _mean(float(m) for _, m in task),
     }
+
+
+# The measures the divergence flag watches, each with its direction: +1 when higher is better, -1 when lower is.
+WATCHED = {"fluency": 1, "distinct_2": 1, "on_task_share": 1, "repeated_3gram_share": -1, "non_dictionary_share": -1}
+# A change smaller than this (in the measure's own unit) never counts as worse: a baseline value of 0 would
+# otherwise flag the first repeated 3-gram.
+_NOISE_FLOOR = 0.01
+
+
+def divergence(metrics: dict, previous: dict | None = None, tolerance: float = 0.25) -> list[str]:
+    """Why a policy's reward may be hacked, from evaluate's metrics (empty: no sign of it).
+
+    - a watched quality measure of the policy is worse than the baseline's (`reference_<name>`, the initial model in
+      every round) by more than `tolerance` times the baseline's magnitude;
+    - an audit labeler's win rate (`audit_<name>_win_rate`) fell while the training labeler's (`win_rate`) rose,
+      both against `previous` (the round before; None: the initial model, whose win rate against itself is 0.5).
+    """
+    reasons = []
+    for name, direction in WATCHED.items():
+        policy, baseline = metrics.get(f"policy_{name}", math.nan), metrics.get(f"reference_{name}", math.nan)
+        worse = (baseline - policy) * direction
+        if worse > max(tolerance * abs(baseline), _NOISE_FLOOR):
+            reasons.append(f"{name} {policy:.3g} vs the baseline's {baseline:.3g}: worse by more than {tolerance:.0%}")
+    before = (lambda key: previous.get(key, math.nan)) if previous else (lambda key: 0.5)
+    if metrics.get("win_rate", math.nan) > before("win_rate"):
+        for key in sorted(k for k in metrics if k.startswith("audit_") and k.endswith("_win_rate")):
+            if metrics[key] < before(key):
+                reasons.append(f"{key} fell {before(key):.0%} -> {metrics[key]:.0%} while win_rate rose "
+                               f"{before('win_rate'):.0%} -> {metrics['win_rate']:.0%}")
+    return reasons

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from dpo_ray import artifacts
+from dpo_ray.quality import divergence
 
 report = logging.getLogger("dpo_ray.report")
 
@@ -57,8 +58,9 @@ ROUND_QUALITY = (("fluency", "fluency", "{:.2f}"), ("distinct_2", "distinct-2", 
                  ("eos_share", "EOS", "{:.0%}"))
 
 
-def _round_row(r: dict) -> dict:
-    """One round's rounds.json entry; the quality measures as policy_<name> and initial_<name> (the baseline)."""
+def _round_row(r: dict, previous: dict | None, tolerance: float) -> dict:
+    """One round's rounds.json entry; the quality measures as policy_<name> and initial_<name> (the baseline), each
+    audit's win rate, and the divergence reasons against the baseline and the round before (quality.divergence)."""
     m, lab = r["metrics"], r["label"]
     row = {"round": r["round"], "policy_reward": m["policy_reward"], "initial_reward": m["reference_reward"],
            "win_rate_vs_initial": m["win_rate"], "kl_to_initial": m["kl"], "pairs": lab.get("pairs"),
@@ -66,6 +68,8 @@ def _round_row(r: dict) -> dict:
     for name, _, _ in ROUND_QUALITY:
         row[f"policy_{name}"] = m.get(f"policy_{name}", float("nan"))
         row[f"initial_{name}"] = m.get(f"reference_{name}", float("nan"))
+    row.update({k: v for k, v in m.items() if k.startswith("audit_") and k.endswith(("_win_rate", "_reward"))})
+    row["divergence"] = divergence(m, previous, tolerance)
     return row
 
 
@@ -73,21 +77,31 @@ def _quality_cells(row: dict, who: str) -> str:
     return " | ".join(fmt.format(row[f"{who}_{name}"]) for name, _, fmt in ROUND_QUALITY)
 
 
-def write_round_report(rounds: list[dict], run_dir: Path) -> str:
+def _audits(rows: list[dict]) -> list[str]:
+    return sorted({k[len("audit_"):-len("_win_rate")] for r in rows for k in r
+                   if k.startswith("audit_") and k.endswith("_win_rate")})
+
+
+def write_round_report(rounds: list[dict], run_dir: Path, tolerance: float = 0.25) -> str:
     """rounds.json, rounds.md (the table, also returned) and rounds.png: each round against the initial model.
 
     The quality columns (evaluate's text-quality measures; fluency is the mean per-token log-prob under the initial
-    model) are each round's policy's, and the initial model's in the last row (round 1's evaluation of it)."""
-    rows = [_round_row(r) for r in rounds]
+    model) are each round's policy's, and the initial model's in the last row (round 1's evaluation of it). An audit
+    labeler's win rate gets a column of its own; `divergence` lists what quality.divergence flagged in the round."""
+    rows = [_round_row(r, rounds[i - 1]["metrics"] if i else None, tolerance) for i, r in enumerate(rounds)]
     artifacts.write_json_atomic(run_dir / "rounds.json", {"rounds": rows})
+    audits = _audits(rows)
     header = ("| round | policy reward | initial reward | win rate vs initial | KL to initial | pairs | tie rate | "
-              + " | ".join(column for _, column, _ in ROUND_QUALITY) + " |")
-    lines = [header, "|---|---|---|---|---|---|---|" + "---|" * len(ROUND_QUALITY)]
-    lines += [f"| {r['round']} | {r['policy_reward']:+.3f} | {r['initial_reward']:+.3f} | "
-              f"{r['win_rate_vs_initial']:.1%} | {r['kl_to_initial']:.2f} | {r['pairs']} | {r['tie_rate']:.1%} | "
-              f"{_quality_cells(r, 'policy')} |" for r in rows]
+              + " | ".join([column for _, column, _ in ROUND_QUALITY] + [f"{a} win rate" for a in audits])
+              + " | divergence |")
+    lines = [header, "|---|---|---|---|---|---|---|" + "---|" * (len(ROUND_QUALITY) + len(audits) + 1)]
+    for r in rows:
+        audit_cells = "".join(f" {r.get(f'audit_{a}_win_rate', float('nan')):.1%} |" for a in audits)
+        lines.append(f"| {r['round']} | {r['policy_reward']:+.3f} | {r['initial_reward']:+.3f} | "
+                     f"{r['win_rate_vs_initial']:.1%} | {r['kl_to_initial']:.2f} | {r['pairs']} | {r['tie_rate']:.1%} | "
+                     f"{_quality_cells(r, 'policy')} |{audit_cells} {'; '.join(r['divergence']) or 'none'} |")
     lines.append(f"| initial model | | {rows[0]['initial_reward']:+.3f} | | | | | "
-                 f"{_quality_cells(rows[0], 'initial')} |")
+                 f"{_quality_cells(rows[0], 'initial')} |" + " |" * len(audits) + " |")
     table = "\n".join(lines)
     (run_dir / "rounds.md").write_text(table + "\n")
     plot_reward_vs_kl(
@@ -109,8 +123,12 @@ def print_summary(summary: dict) -> None:
         "  held-out text (policy vs reference): " + "; ".join(
             f"{column} {fmt.format(m.get('policy_' + name, float('nan')))} vs "
             f"{fmt.format(m.get('reference_' + name, float('nan')))}" for name, column, fmt in ROUND_QUALITY),
-        f"  MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}",
     ]
+    lines += [f"  audit {name}: policy {m[f'audit_{name}_policy_reward']:+.3f} vs reference "
+              f"{m[f'audit_{name}_reference_reward']:+.3f}; win rate {m[f'audit_{name}_win_rate']:.1%}"
+              for name in _audits([m])]
+    lines += [f"  divergence: {reason}" for reason in m.get("divergence_reasons", [])]
+    lines.append(f"  MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
     if summary["tracking_uri"].startswith("sqlite:///"):
         lines.append(f"  view it: mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1")
     report.info("\n".join(lines))

@@ -2,7 +2,8 @@
 
 Every stage module has the same shape:
 
-    SOURCES = {"completions": True}       # upstream inputs by name (a CLI option each; True: the CLI requires it)
+    SOURCES = {"completions": True}       # upstream inputs by name (a CLI option each; True: the CLI requires it;
+                                          # MANY: optional and repeatable, a list of paths)
     def inputs(cfg, digests) -> dict      # what determines the output; the manifest key is its hash
     def run(ctx: StageContext) -> dict    # writes ctx.out, returns the stage's statistics
 
@@ -32,13 +33,17 @@ from dpo_ray.tracking import Tracker
 log = logging.getLogger(__name__)
 
 
+# A SOURCES kind: the source is a list of paths (a CLI option given any number of times).
+MANY = "many"
+
+
 @dataclass(frozen=True)
 class StageContext:
     """What a stage's `run` gets: the config, the folder to write, its upstream inputs, its key and MLflow run."""
 
     cfg: PipelineConfig
     out: Path
-    sources: Mapping[str, Path] = field(default_factory=dict)
+    sources: Mapping[str, Path | list[Path]] = field(default_factory=dict)
     key: str = ""
     run_id: str | None = None
     # The model that sampled the completions in `sources`, when the caller knows it (label reuses exact log-probs).
@@ -93,7 +98,8 @@ class StageRunner:
     def __init__(self, tracker: Tracker | None):
         self.tracker = tracker
 
-    def __call__(self, stage: ModuleType, cfg: PipelineConfig, final: Path, sources: Mapping[str, Path] = {},
+    def __call__(self, stage: ModuleType, cfg: PipelineConfig, final: Path,
+                 sources: Mapping[str, Path | list[Path]] = {},
                  sampled_by: str | None = None) -> dict:
         name = stage_name(stage)
         inputs = stage.inputs(cfg, {k: keys.digest(path, f"--{k}") for k, path in sources.items()})

@@ -70,6 +70,8 @@ EVAL_SAMPLES = _schema(
     # "reference" here, as in `model`, is the baseline evaluate judges against (cfg.baseline_model: evaluate.baseline,
     # by default the reference model; the initial reference in every round).
     policy_logp=pa.float64(), reference_logp=pa.float64(),
+    # evaluate.audit_labelers' rewards of the sample, by labeler name (empty without audits).
+    audit_rewards=pa.map_(pa.string(), pa.float64()),
 )
 
 # Rows refused by a reader under `on_bad_rows: skip`.

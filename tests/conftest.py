@@ -119,15 +119,17 @@ def runs_under(parent, runs: list) -> list:
     return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
 
-def check_run_tree(runs: list, children: set[str], stages: Sequence[str]) -> dict:
+def check_run_tree(runs: list, children: set[str], stages: Sequence[str] | dict[str, Sequence[str]]) -> dict:
     """One parent run, under it one run per name in `children` (tag dpo_ray.child), under each of those exactly
-    one run per stage in `stages` (tag dpo_ray.stage). Returns the child runs by name."""
+    one run per stage in `stages` (tag dpo_ray.stage; a dict gives each child its own). Returns the child runs by
+    name."""
     parent = the_parent_run(runs)
     by_name = {r.data.tags["dpo_ray.child"]: r for r in runs if "dpo_ray.child" in r.data.tags}
     assert set(by_name) == children
     for child in by_name.values():
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert sorted(r.data.tags["dpo_ray.stage"] for r in runs_under(child, runs)) == sorted(stages)
+        expected = stages[child.data.tags["dpo_ray.child"]] if isinstance(stages, dict) else stages
+        assert sorted(r.data.tags["dpo_ray.stage"] for r in runs_under(child, runs)) == sorted(expected)
     return by_name
 
 

@@ -121,3 +121,16 @@ def test_text_quality_per_model_and_on_task_words():
     assert m["policy_on_task_share"] == 0.0 and m["reference_on_task_share"] == 1.0
     assert m["policy_fluency"] == -1.0 and m["reference_fluency"] == -0.5
     assert compute_metrics(rows, beta=0.1)["reference_on_task_share"] == 0.0  # not movie-review words
+
+
+def test_audit_rewards_get_their_own_means_and_win_rate():
+    """An audit labeler's rewards (EVAL_SAMPLES.audit_rewards, a map) are judged like the training reward: here the
+    audit disagrees with it on every comparison, so its win rate is the complement."""
+    rows = [{**r, "audit_rewards": [("judge", -r["reward"]), ("sentiment", r["reward"])]} for r in ROWS]
+    m = compute_metrics(rows, beta=0.1)
+    assert m["audit_sentiment_win_rate"] == m["win_rate"]
+    assert m["audit_sentiment_policy_reward"] == m["policy_reward"]
+    assert m["audit_judge_policy_reward"] == -m["policy_reward"]
+    # Policy vs reference, by sample index: p1 win, tie; p2 loss, win; p3 win -> 3.5/5. Flipped: 1.5/5.
+    assert m["win_rate"] == pytest.approx(0.7) and m["audit_judge_win_rate"] == pytest.approx(0.3)
+    assert not any(k.startswith("audit_") for k in compute_metrics(ROWS, beta=0.1))

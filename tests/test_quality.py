@@ -107,3 +107,29 @@ def test_text_quality_of_one_model():
 def test_text_quality_of_no_rows_is_nan():
     m = q.text_quality([], q.MOVIE_REVIEW_WORDS, fluency_column="logp")
     assert all(math.isnan(v) for v in m.values())
+
+
+def test_divergence_on_a_scripted_sequence_of_rounds():
+    """quality.divergence over three scripted rounds: round 1 is clean, round 2's training win rate rises while the
+    audit's falls, round 3 also loses the text (on task and spelling past the 25% tolerance; fluency within it)."""
+    from dpo_ray.quality import divergence
+
+    initial = {"reference_fluency": -3.0, "reference_distinct_2": 0.85, "reference_on_task_share": 0.9,
+               "reference_repeated_3gram_share": 0.0, "reference_non_dictionary_share": 0.04}
+    text = {"policy_fluency": -3.2, "policy_distinct_2": 0.8, "policy_on_task_share": 0.85,
+            "policy_repeated_3gram_share": 0.005, "policy_non_dictionary_share": 0.045}
+    round_1 = {**initial, **text, "win_rate": 0.75, "audit_judge_win_rate": 0.65}
+    round_2 = {**round_1, "win_rate": 0.9, "audit_judge_win_rate": 0.6}
+    round_3 = {**round_2, "win_rate": 0.97, "audit_judge_win_rate": 0.62, "policy_fluency": -3.7,
+               "policy_on_task_share": 0.6, "policy_non_dictionary_share": 0.08}
+    assert divergence(round_1) == []
+    assert divergence(round_2, round_1) == ["audit_judge_win_rate fell 65% -> 60% while win_rate rose 75% -> 90%"]
+    # Against the initial model (win rate 0.5 for every labeler) round 2 is clean.
+    assert divergence(round_2) == []
+    flagged = divergence(round_3, round_2)
+    assert [reason.split(" ")[0] for reason in flagged] == ["on_task_share", "non_dictionary_share"]
+    # 0.08 is twice 0.04, still past 50%; on task lost a third of 0.9, within 50%.
+    assert [r.split(" ")[0] for r in divergence(round_3, round_2, tolerance=0.5)] == ["non_dictionary_share"]
+    # The noise floor: from a baseline of 0 repeated 3-grams, 0.005 is no divergence.
+    assert divergence({**initial, "policy_repeated_3gram_share": 0.02}) == ["repeated_3gram_share 0.02 vs the "
+                                                                            "baseline's 0: worse by more than 25%"]

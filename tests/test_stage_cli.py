@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pytest
 import ray
 import ray.data
+import torch
 
 from dpo_ray import schemas
 from dpo_ray.artifacts import read_manifest
@@ -67,6 +68,73 @@ def test_reference_cache_scores_only_pairs_it_has_not_seen(chain):
             assert abs(w[side] - c[side]) < 1e-4, (w["pair_id"], side)
             if w["chosen_ids"] == first[w["pair_id"]]["chosen_ids"]:
                 assert w[side] == first[w["pair_id"]][side]  # taken from the cache, not recomputed
+
+
+def test_reference_replays_a_share_of_earlier_pairs_from_the_cache(chain):
+    """`--replay` (given twice: two "earlier rounds") with reference.replay_share=0.5: as many earlier pairs as new
+    ones, drawn from both folders, with ids of their own; the chain already scored the earlier pairs, so every
+    replayed pair's log-probs come from the cache, equal to that run's."""
+    import pyarrow.parquet as pq
+
+    root, common = chain
+    pairs = schemas.read_table(root / "l" / "pairs", schemas.PAIRS)
+    new = pairs.slice(0, 4)
+    (root / "new_pairs").mkdir()
+    pq.write_table(new, root / "new_pairs" / "part-0.parquet")
+    earlier = root / "l" / "pairs"
+    argv = ["reference", "--pairs", str(root / "new_pairs"), "--replay", str(earlier), "--replay", str(earlier),
+            "--out", str(root / "r_replay"), *common, "reference.replay_share=0.5"]
+    main(argv)
+    stats = read_manifest(root / "r_replay")["stats"]
+    assert stats["replayed_pairs"] == 4 and stats["replay_pool"] == 2 * pairs.num_rows
+    assert stats["pairs"] == 8 and stats["pairs_from_cache"] == 8
+    out = schemas.read_table(root / "r_replay", schemas.REFERENCE).to_pylist()
+    replayed = [r for r in out if r["pair_id"].startswith("replay")]
+    assert len(replayed) == 4 and len({r["pair_id"] for r in out}) == 8
+    scored = {r["pair_id"]: r for r in schemas.read_table(root / "r", schemas.REFERENCE).to_pylist()}
+    for r in replayed:
+        first = scored[r["pair_id"].split("/", 1)[1]]
+        assert (r["ref_chosen_logps"], r["ref_rejected_logps"]) == (first["ref_chosen_logps"],
+                                                                     first["ref_rejected_logps"])
+    # Without a share the replay folders are no input: the key is the one of the new pairs alone.
+    plain = ["reference", "--pairs", str(root / "new_pairs"), "--out", str(root / "r_plain"), *common]
+    main(plain)
+    key = read_manifest(root / "r_plain")["key"]
+    main([*plain, "--replay", str(earlier), "reference.replay_share=0"])
+    assert read_manifest(root / "r_plain")["key"] == key
+
+
+def test_kl_budget_keeps_an_earlier_checkpoint_when_a_later_one_exceeds_it(chain):
+    """train.kl_budget on the tiny model, a checkpoint every step, a budget of almost nothing: the checkpoints are
+    probed from the last backward, every one probed before the kept one is over budget, and the published policy is
+    the kept checkpoint's (the Monte-Carlo KL of 4 samples can come out <= 0, which meets any budget; if none
+    does, the least KL is kept)."""
+    from safetensors.torch import load_file
+
+    root, common = chain
+    budget = 1e-9
+    main(["train", "--reference", str(root / "r"), "--prompts", str(root / "s" / "prompts.parquet"), *common,
+          "train.checkpoint_every=1", "train.kl_probe_prompts=4", f"train.kl_budget={budget}",
+          "--out", str(root / "t_budget")])
+    manifest = read_manifest(root / "t_budget")
+    stats = manifest["stats"]
+    probes, last = stats["kl_probes"], stats["steps"]
+    assert [p["step"] for p in probes] == list(range(last, last - len(probes), -1))
+    assert all(p["kl"] > budget for p in probes[:-1]) and probes[0]["kl"] > budget  # the tiny model drifts
+    if stats["kl_budget_met"]:
+        assert probes[-1]["kl"] <= budget and stats["kept_step"] == probes[-1]["step"]
+    else:
+        assert len(probes) == last and stats["kept_step"] == min(probes, key=lambda p: p["kl"])["step"]
+    assert stats["kept_step"] < last
+    # Every checkpoint was kept; the published policy is the one of the kept step.
+    storage = root / "tiny" / "ray_train" / f"train-{manifest['key'][:12]}"
+    states = {json.loads(f.read_text())["step"]: f.parent for f in storage.glob("checkpoint_*/trainer_state.json")}
+    assert sorted(states) == list(range(1, last + 1))
+    policy = load_file(root / "t_budget" / "policy" / "model.safetensors")
+    kept = load_file(states[stats["kept_step"]] / "policy" / "model.safetensors")
+    final = load_file(states[last] / "policy" / "model.safetensors")
+    assert all(torch.equal(policy[k], kept[k]) for k in policy)
+    assert not all(torch.equal(policy[k], final[k]) for k in policy)
 
 
 def test_sample_stage_alone(chain):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
+from typing import Mapping
 
 import pyarrow.parquet as pq
 import ray
@@ -51,3 +52,12 @@ def read_split(prompts_path: str | Path, split: str) -> ray.data.Dataset:
         raise InputError(f"--prompts: {path} is not the prompts.parquet a sample stage writes (with its train/eval "
                          "split); give <sample output>/prompts.parquet")
     return ray.data.read_parquet(str(path)).filter(expr=col("split") == split)
+
+
+def held_out_prompts(cfg: PipelineConfig, sources: Mapping[str, Path], out: Path) -> Path:
+    """The `prompts` source of a stage (the sample stage's prompts.parquet), or without one (an offline run) the
+    prompts split from data.prompts into `out` as the sample stage would."""
+    if "prompts" in sources:
+        return sources["prompts"]
+    prepare_prompts(cfg, out)
+    return out / "prompts.parquet"

@@ -3,7 +3,8 @@ prompt_ids/completion_ids), higher is better.
 
 - `sentiment`: VADER compound sentiment of the completion, in [-1, 1];
 - `reward_model`: any local AutoModelForSequenceClassification folder with a single output;
-- `implicit`: the DPO implicit reward beta*log(pi/pi_ref) of a given policy and reference (self-labeling).
+- `implicit`: the DPO implicit reward beta*log(pi/pi_ref) of a given policy and reference (self-labeling);
+- `judge`: a chat model's pairwise verdicts in both orders, as each completion's win share in [0, 1] (ops/judge.py).
 
 A labeler is one class with `check()` (driver-side, before any work) and `add_rewards(ds, column, sampled_by)`;
 adding one is adding a class to `LABELERS`.
@@ -21,6 +22,7 @@ import torch
 from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ModelError
 from dpo_ray.models import ModelSpec, device_for, resolve_model, set_torch_threads
+from dpo_ray.ops.judge import check_judge, judge_rewards
 from dpo_ray.ops.scorers import completion_logps_column
 
 
@@ -131,7 +133,15 @@ class ImplicitReward(Labeler):
         return ds.map_batches(implicit_reward, batch_format="pyarrow")
 
 
-LABELERS = {"sentiment": Sentiment, "reward_model": RewardModel, "implicit": ImplicitReward}
+class Judge(Labeler):
+    def check(self) -> None:
+        check_judge(self.cfg)
+
+    def add_rewards(self, ds: ray.data.Dataset, column: str, sampled_by: str | None) -> ray.data.Dataset:
+        return judge_rewards(ds, self.cfg, column)
+
+
+LABELERS = {"sentiment": Sentiment, "reward_model": RewardModel, "implicit": ImplicitReward, "judge": Judge}
 
 
 def labeler(cfg: PipelineConfig, name: str) -> Labeler:

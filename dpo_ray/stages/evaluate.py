@@ -30,12 +30,12 @@ from dpo_ray import keys, schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ConfigError
 from dpo_ray.models import model_fingerprint
-from dpo_ray.ops.prompts import prepare_prompts, read_split
+from dpo_ray.ops.prompts import held_out_prompts, read_split
 from dpo_ray.ops.rewards import add_rewards, check_labeler
 from dpo_ray.ops.samplers import sample_dataset
 from dpo_ray.ops.scorers import completion_logps_column
 from dpo_ray.pairs import build_pairs
-from dpo_ray.quality import MOVIE_REVIEW_WORDS, text_quality
+from dpo_ray.quality import MOVIE_REVIEW_WORDS, divergence, text_quality
 from dpo_ray.reports import plot_reward_vs_kl
 from dpo_ray.runner import StageContext
 
@@ -46,34 +46,47 @@ def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
     if "prompts" not in digests and not cfg.data.prompts:
         raise ConfigError("data.prompts: evaluation of an offline run needs held-out prompts")
     prompts = digests.get("prompts") or keys.digest(cfg.data.prompts, "data.prompts")
-    judge = cfg.evaluate.labeler or cfg.label.labeler
+    judges = {cfg.evaluate.labeler or cfg.label.labeler, *cfg.evaluate.audit_labelers}
     return {"policy": digests["policy"], "baseline": model_fingerprint(cfg.baseline_model), "prompts": prompts,
             "seed": cfg.run.seed, "dtype": cfg.model.dtype, "limits": keys.limits(cfg),
             "evaluate": cfg.evaluate.model_dump(), "sample": cfg.sample.model_dump(),
             "labeler": cfg.label.model_dump(),
-            "reward_model": model_fingerprint(cfg.label.reward_model) if judge == "reward_model" else None,
-            "beta": cfg.train.beta}
+            "reward_model": model_fingerprint(cfg.label.reward_model) if "reward_model" in judges else None,
+            **({"judge": keys.judge_fingerprint(cfg)} if "judge" in judges else {}), "beta": cfg.train.beta}
 
 
 def _stderr(values: list[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
 
 
-def compute_metrics(rows: list[dict], beta: float, on_task_words: Sequence[str] = MOVIE_REVIEW_WORDS) -> dict:
-    """Metrics from EVAL_SAMPLES rows (pure; unit-tested), with each model's text quality (quality.text_quality)."""
-    by_model = defaultdict(list)
-    samples = defaultdict(dict)
-    for r in rows:
-        by_model[r["model"]].append(r)
-        samples[r["prompt_id"]][(r["model"], r["sample_index"])] = r
-    policy_rewards = [r["reward"] for r in by_model["policy"]]
-    reference_rewards = [r["reward"] for r in by_model["reference"]]
+def _reward_metrics(by_model: dict, samples: dict, reward) -> dict:
+    """Each model's mean `reward(row)` and the policy's win rate: its sample i against the baseline's sample i of
+    the same prompt, ties counting one half."""
+    rewards = {model: [reward(r) for r in by_model[model]] for model in ("policy", "reference")}
     wins = []
     for per_prompt in samples.values():
         for (model, index), r in per_prompt.items():
             other = per_prompt.get(("reference", index))
             if model == "policy" and other is not None:
-                wins.append(1.0 if r["reward"] > other["reward"] else 0.5 if r["reward"] == other["reward"] else 0.0)
+                mine, theirs = reward(r), reward(other)
+                wins.append(1.0 if mine > theirs else 0.5 if mine == theirs else 0.0)
+    return {"policy_reward": _mean(rewards["policy"]), "policy_reward_stderr": _stderr(rewards["policy"]),
+            "reference_reward": _mean(rewards["reference"]), "reference_reward_stderr": _stderr(rewards["reference"]),
+            "win_rate": _mean(wins), "win_rate_stderr": _stderr(wins)}
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def compute_metrics(rows: list[dict], beta: float, on_task_words: Sequence[str] = MOVIE_REVIEW_WORDS) -> dict:
+    """Metrics from EVAL_SAMPLES rows (pure; unit-tested), with each model's text quality (quality.text_quality)
+    and, for each audit labeler in the rows' `audit_rewards`, its rewards and win rate as `audit_<name>_*`."""
+    by_model = defaultdict(list)
+    samples = defaultdict(dict)
+    for r in rows:
+        by_model[r["model"]].append(r)
+        samples[r["prompt_id"]][(r["model"], r["sample_index"])] = r
     kl_terms = [r["policy_logp"] - r["reference_logp"] for r in by_model["policy"]]
     correct = []
     for per_prompt in samples.values():
@@ -82,22 +95,19 @@ def compute_metrics(rows: list[dict], beta: float, on_task_words: Sequence[str] 
         for c, j in pairs:
             implicit = [beta * (items[i]["policy_logp"] - items[i]["reference_logp"]) for i in (c, j)]
             correct.append(float(implicit[0] > implicit[1]))
-    mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
     metrics = {
-        "policy_reward": mean(policy_rewards),
-        "policy_reward_stderr": _stderr(policy_rewards),
-        "reference_reward": mean(reference_rewards),
-        "reference_reward_stderr": _stderr(reference_rewards),
-        "win_rate": mean(wins),
-        "win_rate_stderr": _stderr(wins),
-        "kl": mean(kl_terms),
+        **_reward_metrics(by_model, samples, lambda r: r["reward"]),
+        "kl": _mean(kl_terms),
         "kl_stderr": _stderr(kl_terms),
-        "implicit_accuracy": mean(correct),
+        "implicit_accuracy": _mean(correct),
         "held_out_pairs": len(correct),
         "eval_prompts": len(samples),
-        "policy_completion_tokens": mean([r["completion_tokens"] for r in by_model["policy"]]),
-        "reference_completion_tokens": mean([r["completion_tokens"] for r in by_model["reference"]]),
+        "policy_completion_tokens": _mean([r["completion_tokens"] for r in by_model["policy"]]),
+        "reference_completion_tokens": _mean([r["completion_tokens"] for r in by_model["reference"]]),
     }
+    for name in sorted({name for r in rows for name, _ in r.get("audit_rewards") or ()}):
+        audit = _reward_metrics(by_model, samples, lambda r, name=name: dict(r["audit_rewards"])[name])
+        metrics.update({f"audit_{name}_{key}": value for key, value in audit.items()})
     # Fluency is judged by `reference_logp`: "reference" in EVAL_SAMPLES is the baseline model (cfg.baseline_model:
     # the initial reference in every round), so both models' completions are scored by the same fixed model.
     for model in ("policy", "reference"):
@@ -124,13 +134,6 @@ def _examples_markdown(rows: list[dict], count: int) -> str:
     return "\n".join(lines)
 
 
-def _held_out_prompts(ctx: StageContext) -> Path:
-    if "prompts" in ctx.sources:
-        return ctx.sources["prompts"]
-    prepare_prompts(ctx.cfg, ctx.out)
-    return ctx.out / "prompts.parquet"
-
-
 def _samples(cfg: PipelineConfig, prompts_path: Path, models: dict[str, str]):
     """Both models' samples of the held-out prompts, each scored by both models and by the labeler."""
     e, s = cfg.evaluate, cfg.sample
@@ -147,23 +150,35 @@ def _samples(cfg: PipelineConfig, prompts_path: Path, models: dict[str, str]):
     for name, other in (("policy", "reference"), ("reference", "policy")):
         ds = completion_logps_column(sampled[name], cfg, models[name], f"{name}_logp", sampled_by=models[name])
         scored.append(completion_logps_column(ds, cfg, models[other], f"{other}_logp", sampled_by=models[name]))
-    return add_rewards(scored[0].union(scored[1]), cfg, e.labeler or cfg.label.labeler)
+    judged = add_rewards(scored[0].union(scored[1]), cfg, e.labeler or cfg.label.labeler)
+    for name in e.audit_labelers:
+        # Materialized first, as in label: one scorer's actor pool at a time.
+        judged = add_rewards(judged.materialize(), cfg, name, column=f"audit_{name}")
+    return judged
 
 
-def _to_eval_schema(b: pa.Table) -> pa.Table:
+def _to_eval_schema(b: pa.Table, audits: Sequence[str]) -> pa.Table:
     b = b.append_column("completion_tokens", pa.compute.list_value_length(b["completion_ids"]).cast(pa.int32()))
+    scores = [b[f"audit_{name}"].to_pylist() for name in audits]
+    b = b.append_column("audit_rewards", pa.array([list(zip(audits, row)) for row in zip(*scores)] if audits
+                                                  else [[]] * b.num_rows, schemas.EVAL_SAMPLES.field("audit_rewards").type))
     return b.select(schemas.EVAL_SAMPLES.names).cast(schemas.EVAL_SAMPLES)
 
 
 def run(ctx: StageContext) -> dict:
     """Judge the `policy` source against cfg.baseline_model on the held-out prompts."""
     cfg, out = ctx.cfg, ctx.out
-    check_labeler(cfg, cfg.evaluate.labeler or cfg.label.labeler)
+    for name in (cfg.evaluate.labeler or cfg.label.labeler, *cfg.evaluate.audit_labelers):
+        check_labeler(cfg, name)
     models = {"policy": str(ctx.sources["policy"]), "reference": cfg.baseline_model}
-    samples = _samples(cfg, _held_out_prompts(ctx), models)
-    samples.map_batches(_to_eval_schema, batch_format="pyarrow").write_parquet(str(out / "eval_samples"))
+    samples = _samples(cfg, held_out_prompts(ctx.cfg, ctx.sources, ctx.out), models)
+    samples.map_batches(_to_eval_schema, fn_args=(cfg.evaluate.audit_labelers,),
+                        batch_format="pyarrow").write_parquet(str(out / "eval_samples"))
     rows = schemas.read_table(out / "eval_samples", schemas.EVAL_SAMPLES).to_pylist()
     metrics = compute_metrics(rows, cfg.train.beta, cfg.evaluate.on_task_words)
+    # Against the baseline alone; a round's report compares with the round before too (reports.write_round_report).
+    reasons = divergence(metrics, tolerance=cfg.evaluate.quality_tolerance)
+    metrics.update({"divergence": float(bool(reasons)), "divergence_reasons": reasons})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_reward_vs_kl(
         [{"label": "reference", "kl": 0.0, "reward": metrics["reference_reward"],

@@ -3,7 +3,8 @@
 Writes `schemas.REFERENCE`: the pairs plus `ref_chosen_logps` and `ref_rejected_logps`, each the reference model's
 log-prob summed over completion tokens only, computed by the scorer of `ops/scorers.py` (the training forward
 code). With `reference.cache`, sequences the reference cache already holds are not scored again, and what this
-pass scored new is added to it.
+pass scored new is added to it. With `replay` sources (earlier rounds' pairs) and `reference.replay_share`, a
+seeded draw of earlier pairs joins the new ones; under an unchanged reference their log-probs come from the cache.
 """
 
 from __future__ import annotations
@@ -11,24 +12,48 @@ from __future__ import annotations
 import hashlib
 import math
 
+from pathlib import Path
+
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from dpo_ray import keys
+from dpo_ray import keys, schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.models import model_fingerprint
 from dpo_ray.ops.scorers import ReferenceCache, score_logps, sequence_key
-from dpo_ray.runner import StageContext
+from dpo_ray.pairs import replay_choice, replay_count
+from dpo_ray.runner import MANY, StageContext
 
-SOURCES = {"pairs": True}
+# `replay`: earlier rounds' pair folders, drawn from for reference.replay_share of the pairs (rounds pass them all).
+SOURCES = {"pairs": True, "replay": MANY}
 # Token-id column of each side of a pair -> its reference log-prob column.
 _SIDES = {"chosen_ids": "ref_chosen_logps", "rejected_ids": "ref_rejected_logps"}
 
 
 def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
-    return {"pairs": digests["pairs"], "reference": model_fingerprint(cfg.reference_model), "dtype": cfg.model.dtype,
-            "limits": keys.limits(cfg)}
+    key = {"pairs": digests["pairs"], "reference": model_fingerprint(cfg.reference_model), "dtype": cfg.model.dtype,
+           "limits": keys.limits(cfg)}
+    if "replay" in digests and cfg.reference.replay_share > 0:
+        key["replay"] = {"pairs": digests["replay"], "share": cfg.reference.replay_share, "seed": cfg.run.seed}
+    return key
+
+
+def _replayed(cfg: PipelineConfig, folders: list[Path], new_pairs: int) -> tuple[pa.Table | None, dict]:
+    """reference.replay_share of the output drawn from the earlier pairs in `folders` (seeded by run.seed); their
+    pair ids get the prefix `replay<i>/` (i: the folder's position), since rounds reuse prompt ids."""
+    if not folders or cfg.reference.replay_share == 0:
+        return None, {}
+    tables = []
+    for i, folder in enumerate(folders, 1):
+        table = schemas.read_table(folder, schemas.PAIRS)
+        ids = pc.binary_join_element_wise(f"replay{i}", table["pair_id"], "/")
+        tables.append(table.set_column(table.schema.get_field_index("pair_id"), "pair_id", ids))
+    pool = pa.concat_tables(tables)
+    count = replay_count(new_pairs, pool.num_rows, cfg.reference.replay_share)
+    chosen = pool.take(replay_choice(pool["pair_id"].to_pylist(), count, cfg.run.seed))
+    return chosen, {"replayed_pairs": chosen.num_rows, "replay_pool": pool.num_rows}
 
 
 def run(ctx: StageContext) -> dict:
@@ -36,10 +61,13 @@ def run(ctx: StageContext) -> dict:
     cache = ReferenceCache.of(cfg) if cfg.reference.cache else None
     known = cache.load() if cache else {}
     pairs = ray.data.read_parquet(str(ctx.sources["pairs"]))
+    replayed, stats = _replayed(cfg, ctx.sources.get("replay", []), pairs.count())
+    if replayed is not None:
+        pairs = pairs.union(ray.data.from_arrow(replayed))
     scored = score_logps(pairs, cfg, cfg.reference_model, _SIDES, cache)
     scored.write_parquet(str(ctx.out))
     # Streamed back one row group at a time: the statistics, and the sequences the cache does not have yet.
-    stats = {"pairs": 0, "nonfinite_pairs": 0, "pairs_from_cache": 0}
+    stats.update({"pairs": 0, "nonfinite_pairs": 0, "pairs_from_cache": 0})
     fresh: dict[bytes, float] = {}
     for path in sorted(ctx.out.glob("*.parquet")):
         for batch in pq.ParquetFile(path).iter_batches(columns=["prompt_ids", *_SIDES, *_SIDES.values()]):

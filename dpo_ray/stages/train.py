@@ -36,6 +36,8 @@ from dpo_ray.errors import ConfigError, TrainingError
 from dpo_ray.logprobs import SequenceScorer, shared_prompt_batch
 from dpo_ray.losses import DPOOutput, dpo_objective, reward_metrics
 from dpo_ray.models import ModelSpec, model_fingerprint, set_torch_threads
+from dpo_ray.ops.kl_budget import within_budget
+from dpo_ray.ops.prompts import held_out_prompts
 from dpo_ray.runner import StageContext
 
 if TYPE_CHECKING:
@@ -44,7 +46,9 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
-SOURCES = {"reference": True}
+# `prompts`: the held-out prompts the KL budget (train.kl_budget) probes on; without it they are split from
+# data.prompts as the sample stage would.
+SOURCES = {"reference": True, "prompts": False}
 
 
 class NonFiniteError(TrainingError):
@@ -306,8 +310,14 @@ def epoch_layout(pairs: int, batch_size: int) -> tuple[int, int]:
 
 def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
     init = cfg.train.init_from
-    return {**keys.policy(cfg), "reference": digests["reference"], "train": cfg.train.model_dump(),
-            "init": model_fingerprint(init) if init else None}
+    key = {**keys.policy(cfg), "reference": digests["reference"], "train": cfg.train.model_dump(),
+           "init": model_fingerprint(init) if init else None}
+    if cfg.train.kl_budget is not None:
+        # What the probes sample and score, since they choose the policy.
+        key["kl_probe"] = {"prompts": digests.get("prompts") or keys.digest(cfg.data.prompts, "data.prompts"),
+                           "baseline": model_fingerprint(cfg.baseline_model), "sample": cfg.sample.model_dump(),
+                           "max_new_tokens": cfg.evaluate.max_new_tokens, "limits": keys.limits(cfg)}
+    return key
 
 
 def run(ctx: StageContext) -> dict:
@@ -328,15 +338,23 @@ def run(ctx: StageContext) -> dict:
     result = _trainer(cfg, dataset, steps_per_epoch, ctx.key, ctx.run_id).fit()
     if result.checkpoint is None:
         raise RuntimeError("train: Ray Train finished without a checkpoint")
-    with result.checkpoint.as_directory() as path:
+    kept, budget = result.checkpoint, {}
+    if t.kl_budget is not None:
+        # Every checkpoint is kept when a budget is set (_trainer), each a local folder with its policy.
+        checkpoints = {metrics["step"]: checkpoint for checkpoint, metrics in result.best_checkpoints}
+        step, budget = within_budget(cfg, {k: Path(c.path) / POLICY_DIR for k, c in checkpoints.items()},
+                                     held_out_prompts(ctx.cfg, ctx.sources, ctx.out))
+        kept = checkpoints[step]
+    with kept.as_directory() as path:
         shutil.copytree(Path(path) / POLICY_DIR, ctx.out / POLICY_DIR)
+    with result.checkpoint.as_directory() as path:
         state = json.loads((Path(path) / "trainer_state.json").read_text())
     # Per-step values are already in MLflow under their own names; the stage summary keeps the last step's.
     final = {f"final/{k}": v for k, v in result.metrics.items()
              if isinstance(v, (int, float)) and k not in ("step", "nonfinite_steps")}
     return {**final, "pairs": pairs, "pairs_repeated_per_epoch": repeated, "steps": state["step"],
             "nonfinite_steps": state["nonfinite_steps"], "tokens": state["tokens"],
-            "resumed_from": state["resumed_from"]}
+            "resumed_from": state["resumed_from"], **budget}
 
 
 def _seeded_order(reference_path: str, seed: int) -> ray.data.Dataset:
@@ -371,7 +389,7 @@ def _trainer(cfg: PipelineConfig, dataset: ray.data.Dataset, steps_per_epoch: in
         run_config=ray.train.RunConfig(
             name=f"train-{run_key[:12]}",
             storage_path=str(cfg.run_dir / "ray_train"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None if t.kl_budget is not None else 2),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             worker_runtime_env={"env_vars": _worker_env(cfg)},
         ),

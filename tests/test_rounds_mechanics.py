@@ -1,0 +1,140 @@
+"""Between-round mechanics without a cluster: TR-DPO's soft reference update (weights, skip, cache keying) and the
+replay draw."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_ray.config import load_config, round_config
+from dpo_ray.errors import ConfigError, ModelError
+from dpo_ray.models import blend_weights, load_causal_lm, model_fingerprint
+from dpo_ray.ops.scorers import ReferenceCache
+from dpo_ray.pairs import replay_choice, replay_count
+from dpo_ray.runner import StageRunner
+from dpo_ray.stages import soft_update
+
+
+@pytest.fixture(scope="module")
+def policy_folder(tmp_path_factory):
+    """builtin:tiny-llama with every weight moved: a stand-in for a trained policy."""
+    from dpo_ray.models import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("policy")
+    model = load_causal_lm("builtin:tiny-llama")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder, safe_serialization=True)
+    load_tokenizer("builtin:tiny-llama").save_pretrained(folder)
+    return folder
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config("configs/tiny.yaml", [f"run.root={tmp_path}", *overrides])
+
+
+def test_soft_update_weights_equal_the_formula_and_key_the_cache_apart(tmp_path, policy_folder):
+    cfg = _cfg(tmp_path, "rounds.reference_alpha=0.25")
+    out = tmp_path / "round_2" / "soft_update"
+    run = StageRunner(None)
+    run(soft_update, cfg, out, {"policy": policy_folder})
+    blended = load_causal_lm(str(out)).state_dict()
+    reference = load_causal_lm(cfg.reference_model).state_dict()
+    policy = load_causal_lm(str(policy_folder)).state_dict()
+    assert blended.keys() == reference.keys()
+    for name, weight in blended.items():
+        torch.testing.assert_close(weight, 0.25 * policy[name] + 0.75 * reference[name], rtol=0, atol=1e-6)
+    assert not torch.equal(blended["lm_head.weight"], reference["lm_head.weight"])
+
+    # A rerun on the same inputs keeps the folder, so its fingerprint (and the reference cache it names) holds.
+    fingerprint = model_fingerprint(str(out))
+    assert run(soft_update, cfg, out, {"policy": policy_folder})["stats"]["alpha"] == 0.25
+    assert model_fingerprint(str(out)) == fingerprint
+    # Its reference cache is its own: not the initial model's, not the policy's.
+    caches = {ReferenceCache.of(_cfg(tmp_path, f"model.reference={ref}")).folder
+              for ref in (str(out), cfg.reference_model, str(policy_folder))}
+    assert len(caches) == 3
+    # Another alpha is another model: recomputed, and a new cache folder, so no stale log-prob can be reused.
+    run(soft_update, _cfg(tmp_path, "rounds.reference_alpha=0.5"), out, {"policy": policy_folder})
+    assert model_fingerprint(str(out)) != fingerprint
+
+
+def test_blend_refuses_other_architectures():
+    a = {"w": torch.zeros(2, 3)}
+    with pytest.raises(ModelError, match="w is \\(3, 2\\) in the policy"):
+        blend_weights(a, {"w": torch.zeros(3, 2)}, 0.5)
+    with pytest.raises(ModelError, match="differ in their weights"):
+        blend_weights(a, {"v": torch.zeros(2, 3)}, 0.5)
+    kept = blend_weights({"w": torch.ones(2), "n": torch.tensor([3])}, {"w": torch.zeros(2), "n": torch.tensor([3])},
+                         0.5)
+    assert kept["w"].tolist() == [0.5, 0.5] and kept["n"].tolist() == [3]
+
+
+def test_round_configs_follow_the_soft_reference_and_score_self_labels_against_the_last_one():
+    cfg = load_config("configs/tiny.yaml", [
+        "rounds.count=3", "rounds.reference=soft", "evaluate.labeler=sentiment",
+        "rounds.overrides={2: {label: {labeler: implicit}}, 3: {label: {labeler: implicit}}}"])
+    round_2 = round_config(cfg, 2, "/r1/policy", cfg.reference_model, "/r2/soft")
+    assert (round_2.model.policy, round_2.reference_model) == ("/r1/policy", "/r2/soft")
+    # Round 1's policy was trained against the initial model: its implicit reward is measured against that.
+    assert round_2.label.implicit_reference == cfg.reference_model
+    round_3 = round_config(cfg, 3, "/r2/policy", round_2.reference_model, "/r3/soft")
+    assert round_3.label.implicit_reference == "/r2/soft" and round_3.evaluate.baseline == cfg.reference_model
+    assert round_3.rounds.reference_alpha == cfg.rounds.reference_alpha
+    initial = load_config("configs/tiny.yaml", ["rounds.count=2"])
+    assert round_config(initial, 2, "/r1/policy", initial.reference_model).label.implicit_reference is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rounds.reference_alpha=0"], "rounds.reference_alpha: Input should be greater than 0"),
+    (["reference.replay_share=1"], "reference.replay_share: Input should be less than 1"),
+    (["evaluate.audit_labelers=[sentiment]"], "evaluate.audit_labelers: ['sentiment'] already labels"),
+    (["evaluate.audit_labelers=[reward_model]"], "label.reward_model: required when"),
+    (["evaluate.audit_labelers=[judge, judge]"], "names a labeler twice"),
+])
+def test_round_settings_are_checked_at_load(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_replay_count_and_draw():
+    assert replay_count(96, 500, 0.25) == 32  # 32 of 128 pairs
+    assert replay_count(96, 10, 0.25) == 10  # at most the pool
+    assert replay_count(96, 500, 0.0) == 0 and replay_count(0, 500, 0.5) == 0
+    ids = [f"replay{r}/p{i}:0>1" for r in (1, 2) for i in range(50)]
+    drawn = replay_choice(ids, 30, seed=0)
+    assert len(set(drawn)) == 30 and drawn == sorted(drawn)
+    # The draw depends on the ids and the seed, not on the pool's order; a larger draw contains a smaller one.
+    reversed_ids = ids[::-1]
+    assert sorted(reversed_ids[i] for i in replay_choice(reversed_ids, 30, seed=0)) == sorted(ids[i] for i in drawn)
+    assert set(drawn) <= set(replay_choice(ids, 40, seed=0))
+    assert replay_choice(ids, 30, seed=1) != drawn
+
+
+def test_kl_budget_probes_backward_from_the_last_checkpoint():
+    from dpo_ray.ops.kl_budget import choose_checkpoint
+
+    kl = {2: 0.5, 4: 1.5, 6: 3.0, 8: 2.5}
+    probed = []
+
+    def probe(step):
+        probed.append(step)
+        return kl[step]
+
+    assert choose_checkpoint(probe, [2, 4, 6, 8], budget=2.0) == (4, [{"step": 8, "kl": 2.5}, {"step": 6, "kl": 3.0},
+                                                                      {"step": 4, "kl": 1.5}])
+    assert probed == [8, 6, 4]  # stops at the first within budget
+    assert choose_checkpoint(probe, [2, 4, 6, 8], budget=2.5)[0] == 8  # at the budget is within
+    step, probes = choose_checkpoint(probe, [8, 2, 6, 4], budget=0.1)  # none within: the least KL
+    assert step == 2 and [p["step"] for p in probes] == [8, 6, 4, 2]
+
+
+def test_rounds_spend_the_kl_budget_linearly_unless_a_round_says_otherwise():
+    cfg = load_config("configs/tiny.yaml", ["rounds.count=3", "rounds.kl_budget=12",
+                                            "rounds.overrides={3: {train: {kl_budget: 20}}}"])
+    assert [round_config(cfg, k, *(("/p", "/r") if k > 1 else ())).train.kl_budget for k in (1, 2, 3)] == [4, 8, 20]
+    with pytest.raises(ConfigError, match="rounds.kl_budget: set it or train.kl_budget, not both"):
+        load_config("configs/tiny.yaml", ["rounds.kl_budget=12", "train.kl_budget=3"])
