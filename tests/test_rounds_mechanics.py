@@ -138,3 +138,25 @@ def test_rounds_spend_the_kl_budget_linearly_unless_a_round_says_otherwise():
     assert [round_config(cfg, k, *(("/p", "/r") if k > 1 else ())).train.kl_budget for k in (1, 2, 3)] == [4, 8, 20]
     with pytest.raises(ConfigError, match="rounds.kl_budget: set it or train.kl_budget, not both"):
         load_config("configs/tiny.yaml", ["rounds.kl_budget=12", "train.kl_budget=3"])
+
+
+def test_between_rounds_the_soft_reference_is_blended_and_round_k_trains_against_it(tmp_path, policy_folder):
+    """pipeline._next_round with rounds.reference=soft: round 2's reference is the soft_update stage's folder under
+    round_2/, blended from round 1's reference (the initial model) and its policy; round 3's from round 2's."""
+    from dpo_ray.pipeline import _next_round
+
+    cfg = _cfg(tmp_path, "rounds.count=3", "rounds.reference=soft", "rounds.reference_alpha=0.5")
+    run = StageRunner(None)
+    round_1 = _next_round(cfg, 1, None, [], run)
+    round_2 = _next_round(cfg, 2, round_1, [{"policy": str(policy_folder)}], run)
+    soft_2 = cfg.run_dir / "round_2" / "soft_update"
+    assert round_2.reference_model == str(soft_2) and round_2.model.policy == str(policy_folder)
+    assert round_2.evaluate.baseline == cfg.reference_model
+    initial = load_causal_lm(cfg.reference_model).state_dict()
+    policy = load_causal_lm(str(policy_folder)).state_dict()
+    blended = load_causal_lm(str(soft_2)).state_dict()
+    torch.testing.assert_close(blended["lm_head.weight"], (initial["lm_head.weight"] + policy["lm_head.weight"]) / 2)
+    round_3 = _next_round(cfg, 3, round_2, [{"policy": str(policy_folder)}], run)
+    soft_3 = load_causal_lm(round_3.reference_model).state_dict()
+    torch.testing.assert_close(soft_3["lm_head.weight"], (blended["lm_head.weight"] + policy["lm_head.weight"]) / 2)
+    assert round_3.label.implicit_reference == str(soft_2)
