@@ -31,6 +31,21 @@ def digest(path: str | Path | list, what: str) -> str:
     return artifacts.recorded_digest(p) or (artifacts.folder_digest(p) if p.is_dir() else artifacts.file_digest(p))
 
 
+# Config keys added after run folders were made, by section: left out of a stage key while at their default, so
+# those folders keep their keys and are not recomputed by the upgrade.
+ADDED_LATER = {"label": ("judge_model", "judge_rubric", "judge_tie_margin"),
+               "train": ("kl_budget", "kl_probe_prompts"),
+               "evaluate": ("audit_labelers", "quality_tolerance")}
+
+
+def settings(cfg: PipelineConfig, section: str) -> dict:
+    """A config section as a stage key holds it (ADDED_LATER keys at their default left out)."""
+    model = getattr(cfg, section)
+    fields = type(model).model_fields
+    return {name: value for name, value in model.model_dump().items()
+            if name not in ADDED_LATER.get(section, ()) or value != fields[name].get_default(call_default_factory=True)}
+
+
 def policy(cfg: PipelineConfig) -> dict:
     return {"seed": cfg.run.seed, "dtype": cfg.model.dtype, "policy": model_fingerprint(cfg.model.policy)}
 

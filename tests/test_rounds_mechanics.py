@@ -160,3 +160,22 @@ def test_between_rounds_the_soft_reference_is_blended_and_round_k_trains_against
     soft_3 = load_causal_lm(round_3.reference_model).state_dict()
     torch.testing.assert_close(soft_3["lm_head.weight"], (blended["lm_head.weight"] + policy["lm_head.weight"]) / 2)
     assert round_3.label.implicit_reference == str(soft_2)
+
+
+def test_keys_added_with_the_guards_leave_stage_keys_unchanged_at_their_defaults():
+    """Run folders made before these keys existed keep their stage keys (no retraining on upgrade); setting one
+    changes the key of the stage that reads it."""
+    from dpo_ray import keys
+    from dpo_ray.stages import evaluate, label, train
+
+    def stage_keys(*overrides):
+        cfg = load_config("configs/default.yaml", list(overrides))
+        return (label.inputs(cfg, {"completions": "c"}), train.inputs(cfg, {"reference": "r"}),
+                evaluate.inputs(cfg, {"policy": "p", "prompts": "q"}))
+
+    default = stage_keys()
+    for section, names in keys.ADDED_LATER.items():
+        assert not set(names) & set(keys.settings(load_config("configs/default.yaml"), section))
+    assert stage_keys("label.judge_tie_margin=0.2")[0] != default[0]
+    assert stage_keys("train.kl_budget=5")[1] != default[1]
+    assert stage_keys("evaluate.quality_tolerance=0.5")[2] != default[2]

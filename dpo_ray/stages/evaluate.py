@@ -49,8 +49,8 @@ def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
     judges = {cfg.evaluate.labeler or cfg.label.labeler, *cfg.evaluate.audit_labelers}
     return {"policy": digests["policy"], "baseline": model_fingerprint(cfg.baseline_model), "prompts": prompts,
             "seed": cfg.run.seed, "dtype": cfg.model.dtype, "limits": keys.limits(cfg),
-            "evaluate": cfg.evaluate.model_dump(), "sample": cfg.sample.model_dump(),
-            "labeler": cfg.label.model_dump(),
+            "evaluate": keys.settings(cfg, "evaluate"), "sample": cfg.sample.model_dump(),
+            "labeler": keys.settings(cfg, "label"),
             "reward_model": model_fingerprint(cfg.label.reward_model) if "reward_model" in judges else None,
             **({"judge": keys.judge_fingerprint(cfg)} if "judge" in judges else {}), "beta": cfg.train.beta}
 

@@ -38,7 +38,7 @@ def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
         d = cfg.data
         return {**keys.policy(cfg), "preferences": keys.digest(d.preferences, "data.preferences"),
                 "limits": keys.limits(cfg), "on_bad_rows": d.on_bad_rows}
-    return {"completions": digests["completions"], "label": cfg.label.model_dump(),
+    return {"completions": digests["completions"], "label": keys.settings(cfg, "label"),
             "labeler_models": keys.labeler_fingerprints(cfg)}
 
 
