@@ -209,10 +209,14 @@ def test_the_judge_is_a_labeler_keyed_on_its_model():
 def ray_local():
     import ray
 
-    # address="local": a cluster of our own even when another job on this machine runs one.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
+    # Under the whole suite an earlier test may have left this process connected to a cluster: share it (a second
+    # ray.init would fail). Otherwise a cluster of our own, even when another job on this machine runs one.
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 @pytest.mark.slow
