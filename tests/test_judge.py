@@ -209,14 +209,13 @@ def test_the_judge_is_a_labeler_keyed_on_its_model():
 def ray_local():
     import ray
 
-    # Under the whole suite an earlier test may have left this process connected to a cluster: share it (a second
-    # ray.init would fail). Otherwise a cluster of our own, even when another job on this machine runs one.
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
+    # Under the whole suite an earlier test may have left this process connected to a cluster (a second ray.init
+    # would fail): leave it, and start a cluster of our own, shut down after, so nothing this module starts (its
+    # actors, Ray Data's readers) is seen by later modules' clusters.
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
     yield
-    if started:
-        ray.shutdown()
+    ray.shutdown()
 
 
 @pytest.mark.slow
