@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import torch
 
@@ -38,6 +37,7 @@ from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ModelError
 from dpo_ray.logprobs import pad_batch, prompt_attention_mask
 from dpo_ray.models import ModelSpec, device_for, load_causal_lm, set_torch_threads
+from dpo_ray.ops.datasets import by_prompt, sum_columns
 from dpo_ray.text import render_prompt
 
 log = logging.getLogger(__name__)
@@ -200,16 +200,12 @@ def check_judge(cfg: PipelineConfig) -> None:
 def judge_rewards(ds: ray.data.Dataset, cfg: PipelineConfig, column: str) -> ray.data.Dataset:
     """`ds` with the judge's win-share `column`: rows grouped by prompt_id, each group judged by one actor."""
     spec = JudgeSpec.of(cfg, column)
-    # A few partitions: the default (200) costs a minute of task overhead on a small node.
-    partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    judged = ds.groupby("prompt_id", num_partitions=partitions).map_groups(
+    judged = by_prompt(ds).map_groups(
         JudgeScorer, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.reference.num_actors), **cfg.reference.actor_resources(),
     ).materialize()
-    totals = dict.fromkeys(STAT_COLUMNS, 0)
-    for batch in judged.select_columns(list(STAT_COLUMNS.values())).iter_batches(batch_format="pyarrow"):
-        for name, stat in STAT_COLUMNS.items():
-            totals[name] += pc.sum(batch[stat]).as_py() or 0
+    summed = sum_columns(judged, list(STAT_COLUMNS.values()))
+    totals = {name: summed[column] for name, column in STAT_COLUMNS.items()}
     share = lambda k: f"{totals[k] / totals['comparisons']:.0%}" if totals["comparisons"] else "-"  # noqa: E731
     log.info(f"judge {spec.model.path} ({column}): {totals['comparisons']} comparisons of distinct completions, "
              f"{totals['ties']} ties ({share('ties')}), {totals['same_letter']} answered by position alone "

@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
@@ -24,6 +23,7 @@ from dpo_ray.config import LabelConfig, PipelineConfig
 from dpo_ray.errors import InputError
 from dpo_ray.inputs import Reject, read_preferences, write_rejects
 from dpo_ray.models import load_tokenizer
+from dpo_ray.ops.datasets import by_prompt, sum_columns
 from dpo_ray.ops.rewards import add_rewards, check_labeler
 from dpo_ray.pairs import PairStats, build_pairs
 from dpo_ray.runner import StageContext
@@ -100,20 +100,13 @@ def label_completions(cfg: PipelineConfig, completions_path: Path, out: Path, sa
     else:
         scored = scored.map_batches(_no_filter_reward, batch_format="pyarrow")
     scored.write_parquet(str(out / "scored"))
-    # A few partitions: the default (200) costs a minute of task overhead on a small node.
-    partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
     paired = (
-        ray.data.read_parquet(str(out / "scored"))
-        .groupby("prompt_id", num_partitions=partitions)
+        by_prompt(ray.data.read_parquet(str(out / "scored")))
         .map_groups(_pairs_with_stats, fn_args=(cfg.label,), batch_format="pyarrow")
         .materialize()
     )
-    # Summed while streaming the few stat columns through the driver: Ray's own `sum` would plan another
-    # shuffle, about 10 s of overhead for a handful of integers.
-    stats = dict.fromkeys(_STAT_FIELDS, 0)
-    for batch in paired.select_columns([f"stat_{name}" for name in _STAT_FIELDS]).iter_batches(batch_format="pyarrow"):
-        for name in _STAT_FIELDS:
-            stats[name] += pc.sum(batch[f"stat_{name}"]).as_py() or 0
+    totals = sum_columns(paired, [f"stat_{name}" for name in _STAT_FIELDS])
+    stats = {name: totals[f"stat_{name}"] for name in _STAT_FIELDS}
     if stats["pairs"] == 0:
         raise InputError(f"label: no preference pairs from {stats['completions']} completions "
                          f"({json.dumps(stats)}); sample more (sample.n, data.num_train_prompts) or lower label.min_margin")
