@@ -126,10 +126,12 @@ def test_kl_budget_keeps_an_earlier_checkpoint_when_a_later_one_exceeds_it(chain
     else:
         assert len(probes) == last and stats["kept_step"] == min(probes, key=lambda p: p["kl"])["step"]
     assert stats["kept_step"] < last
-    # Every checkpoint was kept; the published policy is the one of the kept step.
+    # Every checkpoint was kept for the probes, then all but the kept one and the last were deleted; the published
+    # policy is the one of the kept step.
     storage = root / "tiny" / "ray_train" / f"train-{manifest['key'][:12]}"
     states = {json.loads(f.read_text())["step"]: f.parent for f in storage.glob("checkpoint_*/trainer_state.json")}
-    assert sorted(states) == list(range(1, last + 1))
+    assert sorted(states) == sorted({stats["kept_step"], last})
+    assert stats["checkpoints_pruned"] == last - 2
     policy = load_file(root / "t_budget" / "policy" / "model.safetensors")
     kept = load_file(states[stats["kept_step"]] / "policy" / "model.safetensors")
     final = load_file(states[last] / "policy" / "model.safetensors")

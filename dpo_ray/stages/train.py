@@ -340,13 +340,17 @@ def run(ctx: StageContext) -> dict:
         raise RuntimeError("train: Ray Train finished without a checkpoint")
     kept, budget = result.checkpoint, {}
     if t.kl_budget is not None:
-        # Every checkpoint is kept when a budget is set (_trainer), each a local folder with its policy.
-        checkpoints = {metrics["step"]: checkpoint for checkpoint, metrics in result.best_checkpoints}
+        # Every checkpoint is kept when a budget is set (_trainer), each a local folder with its policy. Only those
+        # still on disk: a rerun after an interrupted prune finds the kept and the last, and the rule picks the same.
+        checkpoints = {metrics["step"]: checkpoint for checkpoint, metrics in result.best_checkpoints
+                       if Path(checkpoint.path).is_dir()}
         step, budget = within_budget(cfg, {k: Path(c.path) / POLICY_DIR for k, c in checkpoints.items()},
                                      held_out_prompts(ctx.cfg, ctx.sources, ctx.out))
         kept = checkpoints[step]
     with kept.as_directory() as path:
         shutil.copytree(Path(path) / POLICY_DIR, ctx.out / POLICY_DIR)
+    if t.kl_budget is not None:
+        budget["checkpoints_pruned"] = _prune(checkpoints, keep={step, max(checkpoints)})
     with result.checkpoint.as_directory() as path:
         state = json.loads((Path(path) / "trainer_state.json").read_text())
     # Per-step values are already in MLflow under their own names; the stage summary keeps the last step's.
@@ -355,6 +359,17 @@ def run(ctx: StageContext) -> dict:
     return {**final, "pairs": pairs, "pairs_repeated_per_epoch": repeated, "steps": state["step"],
             "nonfinite_steps": state["nonfinite_steps"], "tokens": state["tokens"],
             "resumed_from": state["resumed_from"], **budget}
+
+
+def _prune(checkpoints: dict[int, ray.train.Checkpoint], keep: set[int]) -> int:
+    """Delete the checkpoints the KL budget did not choose (a full model and optimizer each: the recipe's run folder
+    reached 20 GB with all of them), keeping the chosen one and the last, which Ray Train resumes from."""
+    pruned = [step for step in checkpoints if step not in keep]
+    for step in pruned:
+        shutil.rmtree(checkpoints[step].path)
+    if pruned:
+        log.info(f"train: deleted the {len(pruned)} checkpoint(s) the KL budget did not keep")
+    return len(pruned)
 
 
 def _seeded_order(reference_path: str, seed: int) -> ray.data.Dataset:
