@@ -149,7 +149,7 @@ def train_steps(model, batch: dict, reference: tuple, steps: int, lr: float) -> 
     for _ in range(steps):
         def step():
             logps, counts = scorer(**batch)
-            out = dpo_objective(logps[0::2], logps[1::2], reference[0], reference[1], counts[0::2], beta=0.1)
+            out = dpo_objective(logps[0::2], logps[1::2], reference[0], reference[1], counts[0::2], counts[1::2], beta=0.1)
             out.loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
             optimizer.step()
@@ -232,7 +232,7 @@ def check_deepspeed(args, stage: int, cpu_first_loss: float) -> dict:
     losses, norms = [], []
     for _ in range(args.steps):
         logps, counts = engine.model(**batch)
-        out = dpo_objective(logps[0::2], logps[1::2], reference[0], reference[1], counts[0::2], beta=0.1)
+        out = dpo_objective(logps[0::2], logps[1::2], reference[0], reference[1], counts[0::2], counts[1::2], beta=0.1)
         engine.backward(out.loss)
         norm, _ = engine.step()
         losses.append(out.loss.item())
@@ -289,7 +289,7 @@ def check_throughput(args, dtype) -> dict:
 
         def step():
             logps, counts = score(model)
-            out = dpo_objective(logps[0::2], logps[1::2], reference[0], reference[1], counts[0::2], beta=0.1)
+            out = dpo_objective(logps[0::2], logps[1::2], reference[0], reference[1], counts[0::2], counts[1::2], beta=0.1)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

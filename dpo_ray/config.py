@@ -17,7 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpo_ray.errors import ConfigError
-from dpo_ray.losses import LossType
+from dpo_ray.losses import REFERENCE_FREE, LossType
 from dpo_ray.quality import MOVIE_REVIEW_WORDS
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -194,11 +194,19 @@ class ReferenceConfig(_ActorPool):
 
 
 class TrainConfig(_Section):
+    # sigmoid, ipo and hinge train against the reference stage's log-probs; simpo and orpo need none, and the
+    # pipeline skips the reference stage for them (losses.py has every formula).
     loss: LossType = "sigmoid"
+    # For orpo, the weight of the odds-ratio term (ORPO's lambda).
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    # Weight of the NLL term on chosen completions (RPO); 0 disables it.
+    # Weight of the NLL term on chosen completions (RPO; with simpo, CPO-SimPO); 0 disables it.
     rpo_alpha: float = Field(0.0, ge=0)
+    # SimPO's target reward margin gamma (the loss is -log sigmoid(beta * (mean-token margin) - gamma)).
+    simpo_gamma: float = Field(0.5, ge=0)
+    # Divide every log-prob (policy and reference) by its completion's token count before sigmoid, ipo or hinge.
+    # true with ipo is TRL's IPO; false (the default) sums over tokens as the DPO authors' code does.
+    length_normalize: bool = False
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -224,6 +232,16 @@ class TrainConfig(_Section):
     # kl_probe_prompts held-out prompts, is at most this many nats (ops/kl_budget.py); None: keep the last.
     kl_budget: float | None = Field(None, gt=0)
     kl_probe_prompts: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _loss_options(self) -> "TrainConfig":
+        if self.label_smoothing and self.loss not in ("sigmoid", "simpo"):
+            raise ValueError(f"train.label_smoothing: applies to the sigmoid and simpo losses, not {self.loss}")
+        if self.rpo_alpha and self.loss == "orpo":
+            raise ValueError("train.rpo_alpha: orpo already has its NLL term; leave rpo_alpha at 0")
+        if self.length_normalize and self.loss in REFERENCE_FREE:
+            raise ValueError(f"train.length_normalize: {self.loss} is length-normalized by definition; leave it false")
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
@@ -331,6 +349,9 @@ class PipelineConfig(_Section):
         if "reward_model" in (self.evaluate.labeler, *self.evaluate.audit_labelers) and not self.label.reward_model:
             raise ValueError("label.reward_model: required when evaluate.labeler or evaluate.audit_labelers names "
                              "reward_model")
+        if self.train.loss in REFERENCE_FREE and self.reference.replay_share > 0:
+            raise ValueError(f"reference.replay_share: replay is drawn by the reference stage, which train.loss="
+                             f"{self.train.loss} skips (it needs no reference log-probs)")
         if self.rounds.kl_budget is not None and self.train.kl_budget is not None:
             raise ValueError("rounds.kl_budget: set it or train.kl_budget, not both (rounds.kl_budget sets each "
                              "round's train.kl_budget; rounds.overrides sets one round's)")

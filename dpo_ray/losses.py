@@ -1,16 +1,21 @@
 """The DPO loss family (Rafailov et al., 2023, and its common variants), as pure PyTorch.
 
-All inputs are log-probabilities summed over completion tokens only, shape (B,) for B preference pairs.
-With the log-ratio margin
+All inputs are log-probabilities summed over completion tokens only, shape (B,) for B preference pairs, and the
+completions' token counts |y|, shape (B,). With the log-ratio margin
 
     z = (logp_chosen - logp_rejected) - (ref_chosen - ref_rejected)
 
-the per-pair losses are
+(each log-prob divided by its |y| first under length_normalize) the per-pair losses are
     sigmoid (DPO):          -log σ(βz)
     sigmoid + smoothing ε:  -(1-ε) log σ(βz) - ε log σ(-βz)         (conservative DPO)
     ipo:                    (z - 1/(2β))²                            (Azar et al., 2023)
     hinge:                  max(0, 1 - βz)                           (SLiC)
-and the implicit rewards are β(logp - ref_logp), detached.
+and the implicit rewards are β(logp - ref_logp), detached. Two losses need no reference; with the mean per-token
+log-prob m = logp/|y|:
+    simpo:  -log σ(β(m_chosen - m_rejected) - γ)                     (Meng et al., 2024; smoothing as for sigmoid)
+    orpo:   -m_chosen - β log σ(odds_chosen - odds_rejected),         (Hong et al., 2024; β is ORPO's λ)
+            odds = log(p/(1-p)) = m - log(1 - e^m) with p = e^m
+and their rewards are β·m, detached, as TRL reports them.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from torch import Tensor
 
 # The config's train.loss and frontier.losses have this type: an unknown loss name is a config error when the
 # config is loaded, not a failure once training has started.
-LossType = Literal["sigmoid", "ipo", "hinge"]
+LossType = Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"]
 LOSS_TYPES = get_args(LossType)
+# Losses computed from the policy alone: the pipeline runs no reference stage for them.
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 @dataclass
@@ -48,7 +55,7 @@ def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, 
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * z)
     else:
-        raise ValueError(f"loss_type {loss_type!r}: expected one of {LOSS_TYPES}")
+        raise ValueError(f"loss_type {loss_type!r}: preference_loss computes sigmoid, ipo and hinge")
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return DPOOutput(losses.mean(), losses, chosen_rewards, rejected_rewards)
@@ -59,12 +66,42 @@ def nll_loss(chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
     return -(chosen_logps / chosen_tokens.clamp(min=1)).mean()
 
 
-def dpo_objective(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-                  ref_rejected_logps: Tensor, chosen_tokens: Tensor, beta: float, loss_type: LossType = "sigmoid",
-                  label_smoothing: float = 0.0, rpo_alpha: float = 0.0) -> DPOOutput:
-    """The preference loss plus, when rpo_alpha > 0, rpo_alpha times the NLL of the chosen completions."""
-    out = preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                          beta, loss_type, label_smoothing)
+def simpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> DPOOutput:
+    """SimPO on mean per-token log-probs, (B,) each."""
+    margin = beta * (chosen_mean_logps - rejected_mean_logps) - gamma
+    losses = -F.logsigmoid(margin) * (1 - label_smoothing) - F.logsigmoid(-margin) * label_smoothing
+    return DPOOutput(losses.mean(), losses, beta * chosen_mean_logps.detach(), beta * rejected_mean_logps.detach())
+
+
+def orpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, beta: float) -> DPOOutput:
+    """ORPO on mean per-token log-probs, (B,) each: the chosen NLL plus beta times the odds-ratio loss."""
+    # log(1 - e^m) as log(-expm1(m)): exact for m near 0, where 1 - e^m cancels.
+    log_odds = (chosen_mean_logps - torch.log(-torch.expm1(chosen_mean_logps))) - (
+        rejected_mean_logps - torch.log(-torch.expm1(rejected_mean_logps)))
+    losses = -chosen_mean_logps - beta * F.logsigmoid(log_odds)
+    return DPOOutput(losses.mean(), losses, beta * chosen_mean_logps.detach(), beta * rejected_mean_logps.detach())
+
+
+def dpo_objective(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor | None,
+                  ref_rejected_logps: Tensor | None, chosen_tokens: Tensor, rejected_tokens: Tensor, beta: float,
+                  loss_type: LossType = "sigmoid", label_smoothing: float = 0.0, rpo_alpha: float = 0.0,
+                  simpo_gamma: float = 0.5, length_normalize: bool = False) -> DPOOutput:
+    """train.loss on summed log-probs and token counts (B,) plus, when rpo_alpha > 0, rpo_alpha times the NLL of
+    the chosen completions; the reference log-probs may be None for a REFERENCE_FREE loss."""
+    chosen_len, rejected_len = chosen_tokens.clamp(min=1), rejected_tokens.clamp(min=1)
+    if loss_type == "simpo":
+        out = simpo_loss(policy_chosen_logps / chosen_len, policy_rejected_logps / rejected_len, beta, simpo_gamma,
+                         label_smoothing)
+    elif loss_type == "orpo":
+        out = orpo_loss(policy_chosen_logps / chosen_len, policy_rejected_logps / rejected_len, beta)
+    elif length_normalize:
+        out = preference_loss(policy_chosen_logps / chosen_len, policy_rejected_logps / rejected_len,
+                              ref_chosen_logps / chosen_len, ref_rejected_logps / rejected_len, beta, loss_type,
+                              label_smoothing)
+    else:
+        out = preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                              beta, loss_type, label_smoothing)
     if rpo_alpha > 0:
         out.loss = out.loss + rpo_alpha * nll_loss(policy_chosen_logps, chosen_tokens)
     return out

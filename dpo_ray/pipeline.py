@@ -19,6 +19,7 @@ from dpo_ray.cluster import check_run_root, init_ray
 from dpo_ray.config import PipelineConfig, build_config, concurrent_trainings, merge, round_config
 from dpo_ray.engines import POLICY_DIR
 from dpo_ray.errors import ConfigError
+from dpo_ray.losses import REFERENCE_FREE
 from dpo_ray.models import resolve_model
 from dpo_ray.reports import print_summary, report, write_frontier_report, write_round_report
 from dpo_ray.runner import StageRunner, check_writable
@@ -31,16 +32,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PreparedPairs:
-    """What training needs: the pairs with their reference log-probs, and the held-out prompts (if any)."""
+    """What training needs: the pairs with their reference log-probs (the label stage's pairs alone for a
+    reference-free loss), and the held-out prompts (if any)."""
 
     reference_dir: Path
     prompts_path: Path | None
     label_stats: dict
 
 
-def prepare_pairs(cfg: PipelineConfig, out: Path, stage: StageRunner, replay: list[Path] = ()) -> PreparedPairs:
+def prepare_pairs(cfg: PipelineConfig, out: Path, stage: StageRunner, replay: list[Path] = (),
+                  losses: list[str] | None = None) -> PreparedPairs:
     """sample -> label -> reference (or import preference data -> reference) into `out`; `replay`: earlier rounds'
-    pair folders the reference stage draws reference.replay_share of its pairs from."""
+    pair folders the reference stage draws reference.replay_share of its pairs from. The reference stage runs
+    unless every loss to train (`losses`, default train.loss) is reference-free."""
     if cfg.data.preferences:
         labeled = stage(label, cfg, out / "label")
         prompts_path = None
@@ -49,6 +53,10 @@ def prepare_pairs(cfg: PipelineConfig, out: Path, stage: StageRunner, replay: li
         prompts_path = out / "sample" / "prompts.parquet"
         labeled = stage(label, cfg, out / "label", {"completions": out / "sample" / "completions"},
                         sampled_by=cfg.model.policy)
+    trained = set(losses or [cfg.train.loss])
+    if trained <= set(REFERENCE_FREE):
+        log.info(f"reference: skipped, {' and '.join(sorted(trained))} need(s) no reference log-probs")
+        return PreparedPairs(out / "label" / "pairs", prompts_path, labeled["stats"])
     replayed = {"replay": list(replay)} if replay and cfg.reference.replay_share > 0 else {}
     stage(reference, cfg, out / "reference", {"pairs": out / "label" / "pairs", **replayed})
     return PreparedPairs(out / "reference", prompts_path, labeled["stats"])
@@ -193,7 +201,7 @@ def run_frontier(cfg: PipelineConfig) -> dict:
     at_once = concurrent_trainings(cfg, ray.cluster_resources(), len(variants))
     points = []
     with tracker.parent() as parent:
-        pairs = prepare_pairs(cfg, run_dir, stage)
+        pairs = prepare_pairs(cfg, run_dir, stage, losses=cfg.frontier.losses)
         log.info(f"frontier: training {len(variants)} variants, {at_once} at a time")
         trained = _train_concurrently(tracker, stage, variants, pairs, at_once, run_dir)
         for name, variant in variants.items():

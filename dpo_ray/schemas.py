@@ -53,7 +53,8 @@ PAIRS = _schema(
 )
 
 # reference: pairs plus the reference model's log-probs summed over completion tokens only.
-REFERENCE = _schema(PAIRS, ref_chosen_logps=pa.float64(), ref_rejected_logps=pa.float64())
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+REFERENCE = _schema(PAIRS, **{name: pa.float64() for name in REFERENCE_COLUMNS})
 
 # reference cache: one row per scored sequence, keyed by its token ids (reference.sequence_key).
 REFERENCE_CACHE = _schema(sequence_key=pa.binary(16), logp=pa.float64())
@@ -106,12 +107,21 @@ def check_schema(table_or_schema: pa.Table | pa.Schema, schema: pa.Schema, where
             raise SchemaError(f"{where}: column {field.name!r} has type {got}, expected {field.type}")
 
 
-def read_table(path: str | Path, schema: pa.Schema, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a Parquet file or folder of part files, checked against `schema`; optionally only `columns`."""
+def _parquet_dataset(path: str | Path) -> pq.ParquetDataset:
     files = sorted(str(p) for p in Path(path).glob("*.parquet")) if Path(path).is_dir() else [str(path)]
     if not files:
         raise SchemaError(f"{path}: no Parquet files (the stage wrote no rows)")
-    dataset = pq.ParquetDataset(files)
+    return pq.ParquetDataset(files)
+
+
+def check_folder(path: str | Path, schema: pa.Schema) -> None:
+    """check_schema on a Parquet file or folder of part files, reading only their footers."""
+    check_schema(_parquet_dataset(path).schema, schema, path)
+
+
+def read_table(path: str | Path, schema: pa.Schema, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a Parquet file or folder of part files, checked against `schema`; optionally only `columns`."""
+    dataset = _parquet_dataset(path)
     check_schema(dataset.schema, schema, path)
     names = list(columns or schema.names)
     return dataset.read(columns=names).cast(pa.schema([schema.field(n) for n in names]))

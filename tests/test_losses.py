@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dpo_ray.losses import dpo_objective, preference_loss, reward_metrics
+from dpo_ray.losses import dpo_objective, orpo_loss, preference_loss, reward_metrics, simpo_loss
 
 # Three pairs with distinct margins z = (pc - pr) - (rc - rr): 0.7, -1.5, 2.5.
 PC = [-10.0, -12.5, -3.0]
@@ -129,8 +129,8 @@ def test_hinge_gradient_zero_outside_active_region():
 def test_dpo_objective_rpo_term():
     tokens = torch.tensor([4, 5, 2])
     alpha = 0.7
-    plain = dpo_objective(t(PC), t(PR), t(RC), t(RR), tokens, BETA, "sigmoid")
-    rpo = dpo_objective(t(PC), t(PR), t(RC), t(RR), tokens, BETA, "sigmoid", rpo_alpha=alpha)
+    plain = dpo_objective(t(PC), t(PR), t(RC), t(RR), tokens, tokens, BETA, "sigmoid")
+    rpo = dpo_objective(t(PC), t(PR), t(RC), t(RR), tokens, tokens, BETA, "sigmoid", rpo_alpha=alpha)
     nll = sum(-pc / n for pc, n in zip(PC, [4, 5, 2])) / 3
     expected = sum(-log_sigmoid(BETA * z) for z in margins()) / 3
     assert plain.loss.item() == pytest.approx(expected, rel=1e-10)
@@ -143,8 +143,8 @@ def test_dpo_objective_rpo_term():
 def test_dpo_objective_rpo_gradient_reaches_chosen():
     tokens = torch.tensor([4, 5, 2])
     pc0, pc1 = t(PC, grad=True), t(PC, grad=True)
-    dpo_objective(pc0, t(PR), t(RC), t(RR), tokens, BETA).loss.backward()
-    dpo_objective(pc1, t(PR), t(RC), t(RR), tokens, BETA, rpo_alpha=0.5).loss.backward()
+    dpo_objective(pc0, t(PR), t(RC), t(RR), tokens, tokens, BETA).loss.backward()
+    dpo_objective(pc1, t(PR), t(RC), t(RR), tokens, tokens, BETA, rpo_alpha=0.5).loss.backward()
     # The NLL term adds -alpha / (B * tokens) to each chosen gradient.
     extra = torch.tensor([-0.5 / (3 * n) for n in (4, 5, 2)], dtype=torch.float64)
     torch.testing.assert_close(pc1.grad - pc0.grad, extra)
@@ -154,7 +154,7 @@ def test_reward_metrics_names_and_values():
     # Rewards (beta = 1): chosen 1.0, 0.5, -1.0; rejected -1.0, 0.5, 0.0 -> one win, one tie, one loss.
     pc, pr = t([-1.0, -2.0, -4.0]), t([-3.0, -2.5, -6.0])
     rc, rr = t([-2.0, -2.5, -3.0]), t([-2.0, -3.0, -6.0])
-    out = dpo_objective(pc, pr, rc, rr, torch.tensor([3, 3, 3]), 1.0)
+    out = dpo_objective(pc, pr, rc, rr, torch.tensor([3, 3, 3]), torch.tensor([3, 3, 3]), 1.0)
     m = reward_metrics(out, pc, pr)
     assert set(m) == {
         "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -174,4 +174,57 @@ def test_invalid_loss_type_raises():
     with pytest.raises(ValueError, match="loss_type"):
         preference_loss(t(PC), t(PR), t(RC), t(RR), BETA, "kto")
     with pytest.raises(ValueError, match="loss_type"):
-        dpo_objective(t(PC), t(PR), t(RC), t(RR), torch.tensor([1, 1, 1]), BETA, "Sigmoid")
+        dpo_objective(t(PC), t(PR), t(RC), t(RR), torch.tensor([1, 1, 1]), torch.tensor([1, 1, 1]), BETA, "Sigmoid")
+
+
+# Token counts of the chosen and rejected completions of the three pairs, for the length-normalized losses.
+NC, NR = [4, 5, 2], [3, 6, 5]
+
+
+def tokens(counts):
+    return torch.tensor(counts)
+
+
+def test_length_normalize_divides_policy_and_reference_by_token_counts():
+    out = dpo_objective(t(PC), t(PR), t(RC), t(RR), tokens(NC), tokens(NR), BETA, "ipo", length_normalize=True)
+    z = [(pc / nc - pr / nr) - (rc / nc - rr / nr) for pc, pr, rc, rr, nc, nr in zip(PC, PR, RC, RR, NC, NR)]
+    assert out.losses.tolist() == pytest.approx([(x - 1 / (2 * BETA)) ** 2 for x in z], rel=1e-10)
+    assert out.chosen_rewards.tolist() == pytest.approx([BETA * (pc - rc) / n for pc, rc, n in zip(PC, RC, NC)])
+    summed = dpo_objective(t(PC), t(PR), t(RC), t(RR), tokens(NC), tokens(NR), BETA, "ipo")
+    assert summed.losses.tolist() == pytest.approx([(x - 1 / (2 * BETA)) ** 2 for x in margins()], rel=1e-10)
+
+
+def test_simpo_matches_hand_values_and_ignores_the_reference():
+    gamma, eps = 0.8, 0.1
+    m = [(pc / nc - pr / nr) for pc, pr, nc, nr in zip(PC, PR, NC, NR)]
+    expected = [-(1 - eps) * log_sigmoid(BETA * x - gamma) - eps * log_sigmoid(gamma - BETA * x) for x in m]
+    out = dpo_objective(t(PC), t(PR), None, None, tokens(NC), tokens(NR), BETA, "simpo", label_smoothing=eps,
+                        simpo_gamma=gamma)
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-10)
+    assert out.chosen_rewards.tolist() == pytest.approx([BETA * pc / n for pc, n in zip(PC, NC)])
+    assert out.rejected_rewards.tolist() == pytest.approx([BETA * pr / n for pr, n in zip(PR, NR)])
+
+
+def test_orpo_matches_hand_values():
+    def log_odds(mean_logp):
+        return mean_logp - math.log(1 - math.exp(mean_logp))
+
+    expected = [-pc / nc - BETA * log_sigmoid(log_odds(pc / nc) - log_odds(pr / nr))
+                for pc, pr, nc, nr in zip(PC, PR, NC, NR)]
+    out = dpo_objective(t(PC), t(PR), None, None, tokens(NC), tokens(NR), BETA, "orpo")
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-10)
+    assert out.loss.item() == pytest.approx(sum(expected) / 3, rel=1e-10)
+
+
+def test_orpo_is_finite_where_a_completion_is_almost_certain():
+    # Mean log-probs of -1e-9: 1 - e^m cancels to 0 in a naive log(1 - exp(m)); log(-expm1(m)) does not.
+    out = orpo_loss(t([-1e-9, -0.5], grad=True), t([-2.0, -1e-9]), 1.0)
+    out.loss.backward()
+    assert torch.isfinite(out.losses).all()
+
+
+def test_simpo_and_orpo_push_chosen_up_and_rejected_down():
+    for loss in (lambda c, r: simpo_loss(c, r, BETA, 0.5), lambda c, r: orpo_loss(c, r, BETA)):
+        chosen, rejected = t([-1.2, -2.0], grad=True), t([-1.5, -0.7], grad=True)
+        loss(chosen, rejected).loss.backward()
+        assert (chosen.grad < 0).all() and (rejected.grad > 0).all()

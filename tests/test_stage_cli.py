@@ -5,6 +5,7 @@ time, each reading the previous stage's folder, as a user debugging one stage wo
 """
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -185,6 +186,23 @@ def test_train_and_evaluate_stages_alone(chain):
           "--out", str(root / "e"), *common])
     samples = schemas.read_table(root / "e" / "eval_samples", schemas.EVAL_SAMPLES)
     assert samples.num_rows == 4 * 2 * 2
+
+
+def test_reference_free_losses_train_on_the_label_stages_pairs(chain, capsys, tmp_path):
+    """simpo and orpo need no reference log-probs: train reads the label stage's pairs directly. A loss that needs
+    them, given the same pairs, fails in one line naming the missing column and what to do."""
+    root, common = chain
+    pairs, small = root / "l" / "pairs", ["train.batch_size=2", "train.micro_batch_size=1"]
+    for loss in ("simpo", "orpo"):
+        main(["train", "--reference", str(pairs), "--out", str(root / f"t_{loss}"), *common, *small,
+              f"train.loss={loss}"])
+        stats = read_manifest(root / f"t_{loss}")["stats"]
+        assert stats["steps"] >= 1 and math.isfinite(stats["final/loss"]), stats
+        assert (root / f"t_{loss}" / "policy" / "model.safetensors").is_file()
+    _fails_with(capsys, ["train", "--reference", str(pairs), "--out", str(tmp_path / "out"), *common, *small],
+                3, f"dpo-ray: input error: {pairs}: missing column 'ref_chosen_logps' (double): train.loss=sigmoid "
+                   "needs reference log-probs; give --reference the reference stage's output")
+    assert not (tmp_path / "out").exists()
 
 
 def test_offline_preference_data_feeds_reference_and_train(chain):

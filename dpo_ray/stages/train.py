@@ -29,12 +29,12 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from dpo_ray import keys
+from dpo_ray import keys, schemas
 from dpo_ray.config import PipelineConfig, TrainConfig
 from dpo_ray.engines import POLICY_DIR, DDPEngine, DeepSpeedEngine, TrainEngine
 from dpo_ray.errors import ConfigError, TrainingError
 from dpo_ray.logprobs import SequenceScorer, shared_prompt_batch
-from dpo_ray.losses import DPOOutput, dpo_objective, reward_metrics
+from dpo_ray.losses import REFERENCE_FREE, DPOOutput, dpo_objective, reward_metrics
 from dpo_ray.models import ModelSpec, model_fingerprint, set_torch_threads
 from dpo_ray.ops.kl_budget import within_budget
 from dpo_ray.ops.prompts import held_out_prompts
@@ -72,20 +72,21 @@ def with_order_key(batch: pa.Table, seed: int) -> pa.Table:
 def dpo_forward(model, rows: dict[str, list], pad_id: int, t: TrainConfig) -> tuple[DPOOutput, dict, int]:
     """One forward of B pairs and the DPO objective; `model` is a (wrapped) `SequenceScorer`.
 
-    rows: prompt_ids, chosen_ids, rejected_ids (lists of B token lists); ref_chosen_logps, ref_rejected_logps (B).
-    Each prompt runs once and both of its completions continue from its KV cache. Returns the loss output, the
-    TRL-named metrics and the pair tokens (prompt+chosen and prompt+rejected, the prompt counted twice, as a
-    trainer without prompt sharing would process them).
+    rows: prompt_ids, chosen_ids, rejected_ids (lists of B token lists); ref_chosen_logps, ref_rejected_logps (B),
+    absent for a reference-free loss. Each prompt runs once and both of its completions continue from its KV cache.
+    Returns the loss output, the TRL-named metrics and the pair tokens (prompt+chosen and prompt+rejected, the
+    prompt counted twice, as a trainer without prompt sharing would process them).
     """
     batch = shared_prompt_batch(rows["prompt_ids"], list(zip(rows["chosen_ids"], rows["rejected_ids"])), pad_id)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     logps, counts = model(**batch)
     chosen, rejected = logps[0::2], logps[1::2]
-    ref_chosen = torch.as_tensor(np.asarray(rows["ref_chosen_logps"], dtype=np.float32), device=device)
-    ref_rejected = torch.as_tensor(np.asarray(rows["ref_rejected_logps"], dtype=np.float32), device=device)
-    out = dpo_objective(chosen, rejected, ref_chosen, ref_rejected, counts[0::2], t.beta, t.loss,
-                        t.label_smoothing, t.rpo_alpha)
+    ref_chosen, ref_rejected = (
+        (None, None) if t.loss in REFERENCE_FREE else
+        (torch.as_tensor(np.asarray(rows[c], dtype=np.float32), device=device) for c in schemas.REFERENCE_COLUMNS))
+    out = dpo_objective(chosen, rejected, ref_chosen, ref_rejected, counts[0::2], counts[1::2], t.beta, t.loss,
+                        t.label_smoothing, t.rpo_alpha, t.simpo_gamma, t.length_normalize)
     pair_tokens = 2 * int(batch["prompt_mask"].sum()) + int(batch["completion_mask"].sum())
     return out, reward_metrics(out, chosen, rejected), pair_tokens
 
@@ -323,6 +324,7 @@ def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
 def run(ctx: StageContext) -> dict:
     """Train on the reference Parquet; the final policy lands in <out>/policy as a safetensors folder."""
     cfg, t = ctx.cfg, ctx.cfg.train
+    _check_pairs(ctx.sources["reference"], t.loss)
     ordered = _seeded_order(str(ctx.sources["reference"]), cfg.run.seed)
     pairs = ordered.count()
     if pairs < t.batch_size:
@@ -359,6 +361,17 @@ def run(ctx: StageContext) -> dict:
     return {**final, "pairs": pairs, "pairs_repeated_per_epoch": repeated, "steps": state["step"],
             "nonfinite_steps": state["nonfinite_steps"], "tokens": state["tokens"],
             "resumed_from": state["resumed_from"], **budget}
+
+
+def _check_pairs(path: Path, loss: str) -> None:
+    # A reference-free loss trains on the label stage's pairs as well as on the reference stage's output.
+    try:
+        schemas.check_folder(path, schemas.PAIRS if loss in REFERENCE_FREE else schemas.REFERENCE)
+    except schemas.SchemaError as err:
+        if any(name in str(err) for name in schemas.REFERENCE_COLUMNS):
+            raise schemas.SchemaError(f"{err}: train.loss={loss} needs reference log-probs; give --reference the "
+                                      "reference stage's output, or use a reference-free loss (simpo, orpo)") from None
+        raise
 
 
 def _prune(checkpoints: dict[int, ray.train.Checkpoint], keep: set[int]) -> int:
