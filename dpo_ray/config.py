@@ -70,7 +70,8 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    # Prompts: JSONL, Parquet or a saved `datasets` folder with a `prompt` (text) or `messages` (chat) column.
+    # Prompts: JSON Lines or a JSON array (either gzipped), Parquet, a saved `datasets` folder or a hub dataset id,
+    # with a `prompt` (text or chat) or `messages` (chat) column (dpo_ray/inputs.py has every form).
     prompts: str | None = "data/prompts/movie_reviews.jsonl"
     # Existing preference data (prompt/chosen/rejected) for offline DPO; replaces sample + label.
     preferences: str | None = None
@@ -82,6 +83,22 @@ class DataConfig(_Section):
     # How a too-long prompt is cut: keep its end (the instruction usually is last) or its start.
     prompt_truncation: Literal["keep_end", "keep_start"] = "keep_end"
     on_bad_rows: Literal["error", "skip"] = "error"
+    # The split read from a saved DatasetDict folder or a hub dataset (both data.prompts and data.preferences).
+    split: str = "train"
+    # Our column names mapped to the file's, where they differ: {prompt: question, chosen: response_j, ...}.
+    columns: dict[str, str] = {}
+
+    @field_validator("columns")
+    @classmethod
+    def _our_columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        ours = ("prompt", "chosen", "rejected", "messages", "system", "id")
+        for name, theirs in columns.items():
+            if name not in ours:
+                raise ValueError(f"data.columns: {name!r} is not one of ours ({', '.join(ours)}); map those to "
+                                 "your file's column names")
+            if list(columns.values()).count(theirs) > 1:
+                raise ValueError(f"data.columns: {theirs!r} is mapped twice; one column cannot play two parts")
+        return columns
 
 
 def _custom_resources(resources: dict[str, float]) -> dict[str, float]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from dpo_ray import artifacts
 from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import InputError
+from dpo_ray.inputs import is_hub_id
 from dpo_ray.models import model_fingerprint
 
 
@@ -27,6 +28,10 @@ def digest(path: str | Path | list, what: str) -> str:
         return artifacts.input_key({"digests": [digest(p, what) for p in path]})
     p = Path(path)
     if not p.exists():
+        if isinstance(path, str) and is_hub_id(path):
+            # A hub dataset is keyed by its name (its split is in the stage's settings): an update on the hub is
+            # not noticed; a folder saved with save_to_disk is keyed by contents.
+            return artifacts.input_key({"hub_dataset": path})
         raise InputError(f"{what}: {path} does not exist")
     return artifacts.recorded_digest(p) or (artifacts.folder_digest(p) if p.is_dir() else artifacts.file_digest(p))
 
@@ -35,7 +40,8 @@ def digest(path: str | Path | list, what: str) -> str:
 # those folders keep their keys and are not recomputed by the upgrade.
 ADDED_LATER = {"label": ("judge_model", "judge_rubric", "judge_tie_margin"),
                "train": ("kl_budget", "kl_probe_prompts", "simpo_gamma", "length_normalize"),
-               "evaluate": ("audit_labelers", "quality_tolerance")}
+               "evaluate": ("audit_labelers", "quality_tolerance"),
+               "data": ("split", "columns")}
 
 
 def settings(cfg: PipelineConfig, section: str) -> dict:
@@ -44,6 +50,12 @@ def settings(cfg: PipelineConfig, section: str) -> dict:
     fields = type(model).model_fields
     return {name: value for name, value in model.model_dump().items()
             if name not in ADDED_LATER.get(section, ()) or value != fields[name].get_default(call_default_factory=True)}
+
+
+def reading(cfg: PipelineConfig) -> dict:
+    """How data.prompts / data.preferences are read beyond their contents (data.split, data.columns), each left
+    out at its default."""
+    return {name: value for name, value in settings(cfg, "data").items() if name in ADDED_LATER["data"]}
 
 
 def policy(cfg: PipelineConfig) -> dict:

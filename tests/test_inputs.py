@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from dpo_ray import schemas
-from dpo_ray.inputs import InputError, read_preferences, read_prompts, write_rejects
+from dpo_ray.inputs import InputError, is_hub_id, read_preferences, read_prompts, write_rejects
 
 
 def write_lines(path, lines: list) -> None:
@@ -70,7 +75,7 @@ BAD_PROMPT_LINES = [
     # (line content, field, reason fragment)
     ('{"prompt": "unterminated', "<row>", "not valid JSON"),
     ({"id": "m", "text": "no prompt column"}, "prompt", "missing"),
-    ({"id": "t", "prompt": ["a", "list"]}, "prompt", "must be a string"),
+    ({"id": "t", "prompt": ["a", "list"]}, "prompt", "prompt[0] must be an object with a string content"),
     ({"id": "e", "prompt": "   "}, "prompt", "empty"),
     (b'{"id": "u", "prompt": "caf\xe9 \xff"}', "<row>", "UTF-8"),
     ({"id": "good-1", "prompt": "duplicate me"}, "id", "duplicate id 'good-1'"),
@@ -318,29 +323,6 @@ def test_preferences_that_would_be_silently_wrong_are_refused_with_row_and_field
 
 # ------------------------------------------------------------------------------ whole files that are not rows
 
-def test_a_pretty_printed_json_file_is_named_as_such(tmp_path):
-    for name, document in (("array.json", [{"prompt": "a"}, {"prompt": "b"}]), ("object.jsonl", {"prompt": "a"})):
-        path = tmp_path / name
-        path.write_text(json.dumps(document, indent=2))
-        with pytest.raises(InputError, match=rf"^{path}: holds (an array|one JSON value) spread over several lines, "
-                                             r"but dpo-ray reads JSON Lines \(one object per line\)"):
-            read_prompts(path)
-    one_line = tmp_path / "one.json"
-    one_line.write_text(json.dumps({"prompt": "a"}) + "\n")  # a one-line file is JSON Lines
-    assert [r["prompt"] for r in read_prompts(one_line).rows] == ["a"]
-
-
-def test_a_saved_dataset_dict_asks_for_a_split(tmp_path):
-    from datasets import Dataset, DatasetDict
-
-    DatasetDict({"train": Dataset.from_list([{"prompt": "a"}]), "test": Dataset.from_list([{"prompt": "b"}])}) \
-        .save_to_disk(str(tmp_path / "dd"))
-    with pytest.raises(InputError, match=rf"^{tmp_path / 'dd'}: a saved DatasetDict with splits test, train; give "
-                                         rf"one split's folder, e.g. {tmp_path / 'dd' / 'test'}$"):
-        read_prompts(tmp_path / "dd")
-    assert [r["prompt"] for r in read_prompts(tmp_path / "dd" / "train").rows] == ["a"]
-
-
 def test_corrupt_parquet_and_arrow_files_are_named(tmp_path):
     from datasets import Dataset
 
@@ -354,3 +336,313 @@ def test_corrupt_parquet_and_arrow_files_are_named(tmp_path):
         arrow.write_bytes(b"not arrow")
     with pytest.raises(InputError, match=rf"^{folder}: cannot be read as a saved dataset \("):
         read_prompts(folder)
+
+
+def test_a_json_file_that_is_not_rows_is_named(tmp_path):
+    for name, document, kind in (("object.json", {"rows": [{"prompt": "a"}]}, "one JSON object spread over several "
+                                                                              "lines"),
+                                 ("number.jsonl", 42, "a JSON int")):
+        path = tmp_path / name
+        path.write_text(json.dumps(document, indent=2))
+        with pytest.raises(InputError, match=rf"^{path}: holds {kind}; give an array of row objects or JSON Lines "
+                                             r"\(one object per line\)$"):
+            read_prompts(path)
+    one_line = tmp_path / "one.json"
+    one_line.write_text(json.dumps({"prompt": "a"}) + "\n")  # a one-line file is JSON Lines
+    assert [(r["prompt"], r["row"]) for r in read_prompts(one_line).rows] == [("a", 1)]
+
+
+def test_a_json_array_numbers_its_rows_from_0_and_says_so(tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([{"prompt": "a"}, "not an object", {"prompt": ""}, {"prompt": "d"}]))  # one line
+    read = read_prompts(path, on_bad_rows="skip")
+    assert [(r["id"], r["row"], r["prompt"]) for r in read.rows] == [("row-0", 0, "a"), ("row-3", 3, "d")]
+    assert [(r.row, r.field, r.reason) for r in read.rejects] == [(1, "<row>", "not a JSON object"),
+                                                                  (2, "prompt", "prompt is empty")]
+    assert read.rejects[0].raw == '"not an object"'
+    with pytest.raises(InputError, match=rf"^{path}: row 1 \(0-based\): field <row>: not a JSON object$"):
+        read_prompts(path)
+
+
+def test_a_file_that_is_not_json_either_keeps_its_row_errors(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"prompt": "cut\n{"prompt": "fine"}\n')
+    read = read_prompts(path, on_bad_rows="skip")
+    assert [r["prompt"] for r in read.rows] == ["fine"] and read.rejects[0].row == 1
+
+
+def test_a_bad_row_in_gzipped_json_lines_names_its_line(tmp_path):
+    path = tmp_path / "prefs.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"prompt": "Q", "chosen": "a", "rejected": "b"}\n\n'
+                                   b'{"prompt": "Q", "chosen": "a"}\n'))
+    with pytest.raises(InputError, match=rf"^{path}: row 3: field rejected: missing \(got columns "):
+        read_preferences(path)
+    assert [r["row"] for r in read_preferences(path, on_bad_rows="skip").rows] == [1]
+    not_gzip = tmp_path / "plain.json.gz"
+    not_gzip.write_text('{"prompt": "a"}\n')
+    with pytest.raises(InputError, match=rf"^{not_gzip}: cannot be read as gzip \(BadGzipFile: "):
+        read_prompts(not_gzip)
+
+
+# -------------------------------------------------------------------- formats (tests/data/make_formats.py)
+
+FORMATS = Path(__file__).parent / "data" / "formats"
+CRITIC = "You are a film critic. Answer in one sentence."
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def system(text: str) -> dict:
+    return {"role": "system", "content": text}
+
+
+def pairs(read) -> list[tuple]:
+    """(prompt text, prompt messages or None, chosen, rejected) of each row read, none rejected."""
+    assert read.rejects == []
+    return [(r["prompt"], r["messages_json"] and json.loads(r["messages_json"]), r["chosen"], r["rejected"])
+            for r in read.rows]
+
+
+STANDARD = [
+    ('Review "The Silent Harbor" in one sentence.', None,
+     "A patient, beautifully shot drama with a score that lingers.", "It is a movie."),
+    ('Is "Iron Orchard" worth watching?', None, "Yes: the leads are superb and the ending lands.",
+     "Watching is a verb."),
+    ('Describe the tone of "Paper Kingdom".', None, "Wistful and funny, like a fable told at dusk.",
+     "Describe the tone of it."),
+]
+HISTORY = [user("Recommend a western."), {"role": "assistant", "content": 'Try "Distant Frontier".'},
+           user("Why that one?")]
+HISTORY_TEXT = 'Recommend a western.\nTry "Distant Frontier".\nWhy that one?'
+
+
+def test_trl_standard_preference():
+    read = read_preferences(FORMATS / "trl_standard_preference.jsonl")
+    assert pairs(read) == STANDARD
+    assert [r["id"] for r in read.rows] == ["row-1", "row-2", "row-3"]
+
+
+def test_trl_conversational_preference_with_explicit_prompt():
+    assert pairs(read_preferences(FORMATS / "trl_conversational_preference.jsonl")) == [
+        ('Review "The Silent Harbor" in one sentence.', [user('Review "The Silent Harbor" in one sentence.')],
+         "A patient, beautifully shot drama.", "No."),
+        (HISTORY_TEXT, HISTORY, "Its landscapes and slow-burn duel are classic.", "Because."),
+        ('Is "Iron Orchard" too long?', [user('Is "Iron Orchard" too long?')],
+         "A little: the second act drags for ten minutes.", "Yes no."),
+    ]
+
+
+def test_trl_conversational_preference_with_implicit_prompt_takes_the_shared_turns():
+    assert pairs(read_preferences(FORMATS / "trl_conversational_implicit_prompt.jsonl")) == [
+        ('Review "Glass Station" briefly.', [user('Review "Glass Station" briefly.')],
+         "Tense, clever and well acted.", "Station."),
+        (HISTORY_TEXT, HISTORY, "Its landscapes and slow-burn duel are classic.", "Because."),
+        ('Rate "Hollow Crown" out of 5.', [user('Rate "Hollow Crown" out of 5.')], "4: grand, if a touch long.",
+         "Crowns are hollow."),
+    ]
+
+
+def test_a_system_message_is_kept_as_part_of_the_prompt():
+    def with_critic(question: str) -> tuple:
+        return f"{CRITIC}\n{question}", [system(CRITIC), user(question)]
+
+    assert pairs(read_preferences(FORMATS / "system_message.jsonl")) == [
+        (*with_critic('Review "Midnight Signal".'), "A taut thriller with a memorable final reel.",
+         "Signals at midnight."),  # system column, text prompt
+        (*with_critic('Review "Crimson Voyage".'), "A swashbuckler with heart and a superb villain.", "Red."),
+        (*with_critic('Review "Lonely Engine".'), "A small, touching film about a retired driver.", "Trains."),
+        (*with_critic('Review "Wild Garden".'), "Lush, strange and never dull.", "Plants."),
+    ]
+
+
+def test_trl_prompt_only_standard_and_conversational():
+    read = read_prompts(FORMATS / "trl_prompt_only.jsonl")
+    assert read.rejects == []
+    assert [(r["prompt"], r["messages_json"] and json.loads(r["messages_json"])) for r in read.rows] == [
+        ('Write a review of "The Golden Circus".', None),
+        ('Write a review of "Northern Echo".', [user('Write a review of "Northern Echo".')]),
+        ('Write a review of "Quiet Lantern".', [system(CRITIC), user('Write a review of "Quiet Lantern".')]),
+        ('Write a review of "Burning Letter".', [system(CRITIC), user('Write a review of "Burning Letter".')]),
+    ]
+
+
+def test_a_json_array_file():
+    read = read_preferences(FORMATS / "array.json")
+    assert pairs(read) == STANDARD
+    assert [(r["id"], r["row"]) for r in read.rows] == [("row-0", 0), ("row-1", 1), ("row-2", 2)]
+    assert [r["prompt"] for r in read_prompts(FORMATS / "array.json").rows] == [p for p, *_ in STANDARD]
+
+
+def test_gzipped_json_lines():
+    read = read_preferences(FORMATS / "preferences.jsonl.gz")
+    assert pairs(read) == STANDARD
+    assert [r["row"] for r in read.rows] == [1, 2, 3]
+
+
+def test_a_saved_dataset_dict_reads_its_train_split_or_the_one_given():
+    folder = FORMATS / "dataset_dict"
+    read = read_preferences(folder)
+    assert pairs(read) == STANDARD
+    assert [r["id"] for r in read.rows] == ["dd-train-0", "dd-train-1", "dd-train-2"]
+    test = read_preferences(folder, split="test")
+    assert pairs(test) == [('Review "Distant Mirror".', None, "A haunting, elegant ghost story.", "Mirrors reflect."),
+                           ('Review "Broken Crown".', None, "A sharp satire of royal vanity.", "It is broken.")]
+    assert [r["prompt"] for r in read_prompts(folder, split="test").rows] == ['Review "Distant Mirror".',
+                                                                              'Review "Broken Crown".']
+    assert [r["prompt"] for r in read_prompts(folder / "test").rows] == ['Review "Distant Mirror".',
+                                                                         'Review "Broken Crown".']
+
+
+def test_an_unknown_split_names_the_folder_and_its_splits():
+    folder = FORMATS / "dataset_dict"
+    with pytest.raises(InputError, match=rf"^{folder}: a saved DatasetDict without a 'validation' split \(it has "
+                                         r"test, train\); set data.split$"):
+        read_prompts(folder, split="validation")
+
+
+ULTRAFEEDBACK_COLUMNS = {"prompt": "instruction", "chosen": "chosen_response", "rejected": "rejected_response"}
+
+
+def test_an_ultrafeedback_like_file_through_a_column_mapping():
+    read = read_preferences(FORMATS / "ultrafeedback_like.jsonl", columns=ULTRAFEEDBACK_COLUMNS)
+    assert pairs(read) == [
+        ('Summarize "The Endless River" for a child.', None,
+         "A boat trip down a river that never ends, full of friendly animals.", "It is about water."),
+        ('List two strengths of "Forgotten Machine".', None, "Its inventive set design and a warm lead performance.",
+         "Machines."),
+        ('Is "Electric Summer" a comedy?', None, "Mostly: a coming-of-age comedy with a bittersweet end.",
+         "Electricity is not funny."),
+    ]
+    with pytest.raises(InputError, match="field chosen: missing"):
+        read_preferences(FORMATS / "ultrafeedback_like.jsonl")
+
+
+def test_a_column_mapping_names_the_files_columns_in_row_errors(tmp_path):
+    path = tmp_path / "stack_exchange.jsonl"
+    write_lines(path, [
+        {"qid": 1, "question": "How do I undo a commit?", "response_j": "git revert it.", "response_k": "You can't."},
+        {"qid": 2, "question": "Why is my loop slow?", "response_j": "Vectorize it."},
+        {"qid": 3, "question": "  ", "response_j": "a", "response_k": "b"},
+        {"qid": 1, "question": "Again?", "response_j": "a", "response_k": "b"},
+        # a column with one of our names that the mapping does not pick is not read
+        {"qid": 5, "question": "Tabs or spaces?", "prompt": "ignored", "response_j": "Spaces.", "response_k": "Both."},
+    ])
+    columns = {"id": "qid", "prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+    read = read_preferences(path, on_bad_rows="skip", columns=columns)
+    assert [(r["id"], r["prompt"], r["chosen"]) for r in read.rows] == [
+        ("1", "How do I undo a commit?", "git revert it."), ("5", "Tabs or spaces?", "Spaces.")]
+    assert [(r.row, r.field) for r in read.rejects] == [(2, "response_k"), (3, "question"), (4, "qid")]
+    assert read.rejects[0].reason.startswith("missing (data.columns maps rejected to it; got columns ")
+    with pytest.raises(InputError, match=rf"^{path}: row 2: field response_k: missing \(data.columns maps rejected "):
+        read_preferences(path, columns=columns)
+    prompts = read_prompts(path, on_bad_rows="skip", columns={"prompt": "question"})
+    assert [r["prompt"] for r in prompts.rows] == ["How do I undo a commit?", "Why is my loop slow?", "Again?",
+                                                   "Tabs or spaces?"]
+
+
+def test_a_column_mapping_can_name_a_chat_column():
+    path = FORMATS / "trl_conversational_preference.jsonl"
+    read = read_prompts(path, columns={"messages": "prompt"})
+    assert json.loads(read.rows[1]["messages_json"]) == HISTORY
+
+
+def test_data_columns_keys_must_be_ours():
+    from pydantic import ValidationError
+
+    from dpo_ray.config import DataConfig
+
+    assert DataConfig(columns=ULTRAFEEDBACK_COLUMNS).columns == ULTRAFEEDBACK_COLUMNS
+    with pytest.raises(ValidationError, match=r"data.columns: 'question' is not one of ours \(prompt, chosen, "
+                                              r"rejected, messages, system, id\)"):
+        DataConfig(columns={"question": "prompt"})
+    with pytest.raises(ValidationError, match=r"data.columns: 'text' is mapped twice"):
+        DataConfig(columns={"chosen": "text", "rejected": "text"})
+
+
+def test_a_system_message_given_twice_or_not_text_is_a_row_error(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    write_lines(path, [
+        {"system": "A", "prompt": [system("B"), user("Q")], "chosen": "x", "rejected": "y"},
+        {"system": 3, "prompt": "Q", "chosen": "x", "rejected": "y"},
+        {"system": " ", "prompt": "Q", "chosen": "x", "rejected": "y"},  # blank: no system message
+    ])
+    read = read_preferences(path, on_bad_rows="skip")
+    assert [(r.row, r.field, r.reason) for r in read.rejects] == [
+        (1, "system", "given beside the prompt's own system message; give one of the two"),
+        (2, "system", "system must be a string, got int")]
+    assert [(r["row"], r["messages_json"]) for r in read.rows] == [(3, None)]
+    with pytest.raises(InputError, match=rf"^{path}: row 1: field system: given beside"):
+        read_prompts(path)
+
+
+# ------------------------------------------------------------------------------------------ hub datasets
+
+
+def test_a_hub_id_that_cannot_be_reached_is_one_line(monkeypatch):
+    # datasets reads HF_DATASETS_OFFLINE once, when imported (here maybe by an earlier test): a fresh interpreter
+    # sees it, so the lookup fails at once instead of trying the network.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    script = ("import sys\nfrom dpo_ray.inputs import InputError, read_preferences\n"
+              "try:\n    read_preferences(sys.argv[1])\nexcept InputError as err:\n    print(err)")
+    for name in ("dpo-ray-tests/no-such-dataset", "no_such_dataset"):
+        done = subprocess.run([sys.executable, "-c", script, name], capture_output=True, text=True, timeout=120,
+                              check=True, cwd=Path(__file__).parents[1])
+        assert re.fullmatch(rf"{name}: not a local file or folder, and the hub dataset of that name \(split 'train'\) "
+                            rf"could not be loaded \(ConnectionError: Couldn't reach '{name}' on the Hub "
+                            r"\(OfflineModeIsEnabled\)\)\n", done.stdout), done.stdout + done.stderr
+
+
+def test_a_missing_path_is_not_a_hub_id(tmp_path):
+    for path in ("data/typo.jsonl", "./prefs", "/nowhere/prefs", str(tmp_path / "absent"), "a/b/c"):
+        assert not is_hub_id(path), path
+        with pytest.raises(InputError, match=rf"^{re.escape(str(Path(path)))}: file does not exist$"):
+            read_preferences(path)
+    for name in ("Anthropic/hh-rlhf", "trl-lib/ultrafeedback_binarized", "allenai/tulu-2.5-preference-data", "imdb"):
+        assert is_hub_id(name), name
+
+
+def test_new_data_keys_enter_stage_keys_only_when_set(tmp_path):
+    """Run folders made before data.split and data.columns existed keep their keys; setting either changes the
+    key of the stages that read with it, and a hub id is keyed by its name."""
+    from dpo_ray import keys
+    from dpo_ray.config import load_config
+
+    cfg = load_config("configs/default.yaml")
+    assert keys.settings(cfg, "data") == {k: v for k, v in cfg.data.model_dump().items()
+                                          if k not in ("split", "columns")}
+    assert keys.reading(cfg) == {}
+    changed = load_config("configs/default.yaml", ["data.split=test", "data.columns={prompt: question}"])
+    assert keys.reading(changed) == {"split": "test", "columns": {"prompt": "question"}}
+    assert keys.settings(changed, "data")["split"] == "test"
+    hub = keys.digest("trl-lib/ultrafeedback_binarized", "data.preferences")
+    assert hub == keys.digest("trl-lib/ultrafeedback_binarized", "data.preferences")
+    assert hub != keys.digest("Anthropic/hh-rlhf", "data.preferences")
+    with pytest.raises(InputError, match="data.prompts: data/typo.jsonl does not exist"):
+        keys.digest("data/typo.jsonl", "data.prompts")
+
+
+def test_the_stages_read_with_data_split_and_columns(tmp_path):
+    """data.split and data.columns reach both readers (they apply to data.prompts and data.preferences alike)."""
+    from dpo_ray.config import load_config
+    from dpo_ray.ops.prompts import prepare_prompts
+    from dpo_ray.stages.label import import_preferences
+
+    def read(*overrides) -> tuple[list[str], list[str]]:
+        cfg = load_config("configs/tiny.yaml", ["data.num_eval_prompts=1", *overrides])
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        out.mkdir()
+        import_preferences(cfg, out)
+        prepare_prompts(cfg, out)
+        return (sorted(pq.read_table(out / "pairs").column("prompt").to_pylist()),
+                sorted(pq.read_table(out / "prompts.parquet").column("prompt").to_pylist()))
+
+    folder = FORMATS / "dataset_dict"
+    test_split = ['Review "Broken Crown".', 'Review "Distant Mirror".']
+    assert read(f"data.preferences={folder}", f"data.prompts={folder}", "data.split=test") == (test_split, test_split)
+    ultrafeedback = FORMATS / "ultrafeedback_like.jsonl"
+    instructions = sorted(row["instruction"] for row in map(json.loads, ultrafeedback.read_text().splitlines()))
+    assert read(f"data.preferences={ultrafeedback}", f"data.prompts={ultrafeedback}",
+                "data.columns={prompt: instruction, chosen: chosen_response, rejected: rejected_response}") \
+        == (instructions, instructions)

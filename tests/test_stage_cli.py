@@ -287,17 +287,18 @@ def test_prompt_files_that_are_not_prompt_rows_are_one_line(chain, capsys, tmp_p
     root, common = chain
     out = ["--out", str(tmp_path / "out")]
     pretty, chat, splits = tmp_path / "prompts.json", tmp_path / "chat.jsonl", tmp_path / "dd"
-    pretty.write_text(json.dumps([{"prompt": "Review Heat."}, {"prompt": "Review Alien."}], indent=2))
+    pretty.write_text(json.dumps({"rows": [{"prompt": "Review Heat."}, {"prompt": "Review Alien."}]}, indent=2))
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "Review Heat."},
                                              {"role": "assistant", "content": "Great."}]}) + "\n")
     DatasetDict({"train": Dataset.from_list([{"prompt": "Review Heat."}])}).save_to_disk(str(splits))
     _fails_with(capsys, ["sample", *out, *common, f"data.prompts={pretty}"],
-                3, f"dpo-ray: input error: {pretty}: holds an array spread over several lines, but dpo-ray reads "
-                   "JSON Lines")
+                3, f"dpo-ray: input error: {pretty}: holds one JSON object spread over several lines; give an array "
+                   "of row objects or JSON Lines")
     _fails_with(capsys, ["sample", *out, *common, f"data.prompts={chat}"],
                 3, f"dpo-ray: input error: {chat}: row 1: field messages: the last turn is 'assistant'")
-    _fails_with(capsys, ["sample", *out, *common, f"data.prompts={splits}"],
-                3, f"dpo-ray: input error: {splits}: a saved DatasetDict with splits train; give one split's folder")
+    _fails_with(capsys, ["sample", *out, *common, f"data.prompts={splits}", "data.split=validation"],
+                3, f"dpo-ray: input error: {splits}: a saved DatasetDict without a 'validation' split (it has "
+                   "train); set data.split")
     assert not (tmp_path / "out").exists()
 
 

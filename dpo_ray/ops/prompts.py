@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def prepare_prompts(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     """Validate the user's prompts and write prompts.parquet with a seeded train/eval split."""
     data = cfg.data
-    read = read_prompts(data.prompts, data.on_bad_rows)
+    read = read_prompts(data.prompts, data.on_bad_rows, split=data.split, columns=data.columns)
     write_rejects(read.rejects, out_dir)
     if not read.rows:
         raise InputError(f"data.prompts: no usable prompt in {data.prompts} ({len(read.rejects)} row(s) rejected)")

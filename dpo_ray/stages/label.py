@@ -37,7 +37,7 @@ def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
     if "completions" not in digests:
         d = cfg.data
         return {**keys.policy(cfg), "preferences": keys.digest(d.preferences, "data.preferences"),
-                "limits": keys.limits(cfg), "on_bad_rows": d.on_bad_rows}
+                "limits": keys.limits(cfg), "on_bad_rows": d.on_bad_rows, **keys.reading(cfg)}
     return {"completions": digests["completions"], "label": keys.settings(cfg, "label"),
             "labeler_models": keys.labeler_fingerprints(cfg)}
 
@@ -117,7 +117,7 @@ def label_completions(cfg: PipelineConfig, completions_path: Path, out: Path, sa
 def import_preferences(cfg: PipelineConfig, out: Path) -> dict:
     """Offline DPO: existing prompt/chosen/rejected data, tokenized as the policy's tokenizer sees it."""
     data = cfg.data
-    read = read_preferences(data.preferences, data.on_bad_rows)
+    read = read_preferences(data.preferences, data.on_bad_rows, split=data.split, columns=data.columns)
     tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
     rows, rejects, truncated_prompts, truncated_completions = [], list(read.rejects), 0, 0
     for rec in read.rows:

@@ -21,7 +21,7 @@ SOURCES: dict[str, bool] = {}
 
 def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
     return {**keys.policy(cfg), "prompts": keys.digest(cfg.data.prompts, "data.prompts"),
-            "data": cfg.data.model_dump(), "sample": cfg.sample.model_dump()}
+            "data": keys.settings(cfg, "data"), "sample": cfg.sample.model_dump()}
 
 
 def run(ctx: StageContext) -> dict:
