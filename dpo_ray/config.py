@@ -241,6 +241,12 @@ class TrainConfig(_Section):
     use_gpu: bool = False
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: Literal[2, 3] = 2
+    # Recompute each layer's activations in the backward instead of keeping them: less memory, about a third more
+    # compute, and no prompt sharing between chosen and rejected (the KV cache is off under checkpointing).
+    gradient_checkpointing: bool = False
+    # DeepSpeed ZeRO-Offload: keep the optimizer state (two fp32 copies of every weight for AdamW) in CPU memory and
+    # step there; the GPUs then hold weights, gradients and activations only.
+    offload_optimizer: bool = False
     checkpoint_every: int = Field(20, ge=1)
     max_failures: int = Field(0, ge=-1)
     # Start from this model instead of model.policy (a later round's previous policy, say).
@@ -249,6 +255,12 @@ class TrainConfig(_Section):
     # kl_probe_prompts held-out prompts, is at most this many nats (ops/kl_budget.py); None: keep the last.
     kl_budget: float | None = Field(None, gt=0)
     kl_probe_prompts: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _offload_needs_deepspeed(self) -> "TrainConfig":
+        if self.offload_optimizer and self.strategy != "deepspeed":
+            raise ValueError("train.offload_optimizer: needs train.strategy=deepspeed (ZeRO-Offload)")
+        return self
 
     @model_validator(mode="after")
     def _loss_options(self) -> "TrainConfig":

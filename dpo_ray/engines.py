@@ -126,11 +126,15 @@ class DeepSpeedEngine:
         config = {
             "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": accumulation,
-            "zero_optimization": {"stage": t.zero_stage},
+            "zero_optimization": {"stage": t.zero_stage,
+                                  **({"offload_optimizer": {"device": "cpu"}} if t.offload_optimizer else {})},
             "bf16": {"enabled": dtype == "bfloat16"},
             "fp16": {"enabled": dtype == "float16"},
             # A client-built torch optimizer: DeepSpeed's fused Adam would JIT-compile for minutes on CPU.
             "zero_allow_untested_optimizer": True,
+            # Offload otherwise insists on its own CPU Adam (the same JIT build); the torch one steps the state
+            # where it lies.
+            "zero_force_ds_cpu_optimizer": False,
         }
         if t.max_grad_norm:
             config["gradient_clipping"] = t.max_grad_norm

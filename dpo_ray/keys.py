@@ -39,7 +39,8 @@ def digest(path: str | Path | list, what: str) -> str:
 # Config keys added after run folders were made, by section: left out of a stage key while at their default, so
 # those folders keep their keys and are not recomputed by the upgrade.
 ADDED_LATER = {"label": ("judge_model", "judge_rubric", "judge_tie_margin"),
-               "train": ("kl_budget", "kl_probe_prompts", "simpo_gamma", "length_normalize"),
+               "train": ("kl_budget", "kl_probe_prompts", "simpo_gamma", "length_normalize",
+                         "gradient_checkpointing", "offload_optimizer"),
                "evaluate": ("audit_labelers", "quality_tolerance"),
                "data": ("split", "columns")}
 
@@ -56,6 +57,15 @@ def reading(cfg: PipelineConfig) -> dict:
     """How data.prompts / data.preferences are read beyond their contents (data.split, data.columns), each left
     out at its default."""
     return {name: value for name, value in settings(cfg, "data").items() if name in ADDED_LATER["data"]}
+
+
+def held_out_prompts(cfg: PipelineConfig, digests: dict[str, str]) -> str:
+    """The key of a stage's held-out prompts: the prompts file it was given, or else data.prompts as it is read
+    (data.split, data.columns)."""
+    if digests.get("prompts"):
+        return digests["prompts"]
+    read = digest(cfg.data.prompts, "data.prompts")
+    return artifacts.input_key({"prompts": read, **reading(cfg)}) if reading(cfg) else read
 
 
 def policy(cfg: PipelineConfig) -> dict:

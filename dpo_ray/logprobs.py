@@ -147,9 +147,10 @@ def shared_prompt_logps(
     fp32, counts (B*k,) of the completion tokens, the first one predicted from the prompt's last position). Chosen
     and rejected share their prompt, so a pair costs prompt + 2 completions instead of 2 x (prompt + completion).
     Prompts with padding run with the 4-D mask of `prompt_attention_mask`. Models that rescale or soft-cap their
-    logits are scored by `completion_logps` on each prompt+completion instead, without the shared cache.
+    logits, and models training with gradient checkpointing (which turns the KV cache off), are scored by
+    `completion_logps` on each prompt+completion instead, without the shared cache.
     """
-    if _needs_full_logits(model):
+    if _needs_full_logits(model) or (model.training and getattr(model, "is_gradient_checkpointing", False)):
         prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
         k = completion_ids.shape[0] // len(prompts)
         completions = [row[mask.bool()].tolist() for row, mask in zip(completion_ids, completion_mask)]

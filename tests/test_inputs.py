@@ -623,6 +623,24 @@ def test_new_data_keys_enter_stage_keys_only_when_set(tmp_path):
         keys.digest("data/typo.jsonl", "data.prompts")
 
 
+def test_held_out_prompts_read_from_data_prompts_are_keyed_with_split_and_columns():
+    """evaluate (and the KL budget's probes) of an offline run read data.prompts themselves: how it is read enters
+    their keys; a prompts file given to the stage is keyed by its own digest."""
+    from dpo_ray.config import load_config
+    from dpo_ray.stages import evaluate, train
+
+    def keys_of(*overrides, digests=None):
+        cfg = load_config("configs/default.yaml", ["train.kl_budget=5", *overrides])
+        given = digests or {}
+        return (evaluate.inputs(cfg, {"policy": "p", **given}),
+                train.inputs(cfg, {"reference": "r", **given})["kl_probe"]["prompts"])
+
+    plain = keys_of()
+    assert keys_of("data.columns={prompt: question}") != plain
+    assert keys_of("data.split=test")[1] != plain[1]
+    assert keys_of("data.split=test", digests={"prompts": "q"}) == keys_of(digests={"prompts": "q"})
+
+
 def test_the_stages_read_with_data_split_and_columns(tmp_path):
     """data.split and data.columns reach both readers (they apply to data.prompts and data.preferences alike)."""
     from dpo_ray.config import load_config

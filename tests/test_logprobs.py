@@ -187,3 +187,29 @@ def test_gradient_flows_to_lm_head(llama, side):
     assert grad.abs().sum() > 0
     for name, p in llama.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+def test_gradient_checkpointing_gives_the_same_sums_and_gradients(llama):
+    """train.gradient_checkpointing: in training mode HF turns the KV cache off, so the scorer runs each
+    prompt+completion whole; sums and gradients equal those of the shared-prompt path without checkpointing."""
+    groups = [[COMPLETIONS[i], COMPLETIONS[-1 - i]] for i in range(len(PROMPTS))]
+    batch = shared_prompt_batch(PROMPTS, groups, PAD_ID)
+
+    def sums_and_grads():
+        llama.zero_grad(set_to_none=True)
+        sums, counts = SequenceScorer(llama)(**batch)
+        sums.sum().backward()
+        return sums.detach(), counts, {n: p.grad.clone() for n, p in llama.named_parameters()}
+
+    llama.train()
+    try:
+        plain = sums_and_grads()
+        llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointed = sums_and_grads()
+    finally:
+        llama.gradient_checkpointing_disable()
+        llama.eval()
+    torch.testing.assert_close(checkpointed[0], plain[0], atol=1e-4, rtol=0)
+    assert checkpointed[1].tolist() == plain[1].tolist()
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(checkpointed[2][name], grad, atol=1e-4, rtol=1e-3)

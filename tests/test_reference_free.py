@@ -1,5 +1,6 @@
-"""Reference-free losses (simpo, orpo) and length normalization: the config's checks, the stage keys, and the DAG
-that skips the reference stage for them (no Ray: the stage runner is replaced by one that records its calls)."""
+"""Reference-free losses (simpo, orpo), length normalization and the memory savers (gradient checkpointing,
+ZeRO-Offload): the config's checks, the stage keys, and the DAG that skips the reference stage for the
+reference-free losses (no Ray: the stage runner is replaced by one that records its calls)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dpo_ray.stages import label, reference, sample, train
     (["train.loss=simpo", "train.length_normalize=true"], r"^train\.length_normalize: simpo is length-normalized"),
     (["train.loss=orpo", "reference.replay_share=0.25"],
      r"^reference\.replay_share: replay is drawn by the reference stage, which train\.loss=orpo skips"),
+    (["train.offload_optimizer=true"], r"^train\.offload_optimizer: needs train\.strategy=deepspeed"),
     (["train.loss=kto"], r"^train\.loss: Input should be 'sigmoid', 'ipo', 'hinge', 'simpo' or 'orpo'"),
 ])
 def test_loss_options_that_do_not_apply_fail_at_load(overrides, message):
@@ -30,6 +32,8 @@ def test_new_loss_keys_leave_the_train_key_unchanged_at_their_default():
     default = train_key()
     assert "simpo_gamma" not in default["train"] and "length_normalize" not in default["train"]
     assert train_key("train.length_normalize=true") != default
+    assert train_key("train.gradient_checkpointing=true") != default
+    assert train_key("train.strategy=deepspeed", "train.offload_optimizer=true") != train_key("train.strategy=deepspeed")
     assert train_key("train.loss=simpo") != train_key("train.loss=simpo", "train.simpo_gamma=1.0")
 
 

@@ -45,7 +45,7 @@ SOURCES = {"prompts": True, "policy": True}
 def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
     if "prompts" not in digests and not cfg.data.prompts:
         raise ConfigError("data.prompts: evaluation of an offline run needs held-out prompts")
-    prompts = digests.get("prompts") or keys.digest(cfg.data.prompts, "data.prompts")
+    prompts = keys.held_out_prompts(cfg, digests)
     judges = {cfg.evaluate.labeler or cfg.label.labeler, *cfg.evaluate.audit_labelers}
     return {"policy": digests["policy"], "baseline": model_fingerprint(cfg.baseline_model), "prompts": prompts,
             "seed": cfg.run.seed, "dtype": cfg.model.dtype, "limits": keys.limits(cfg),

@@ -192,7 +192,11 @@ def setup(spec: WorkerSpec) -> Worker:
     set_torch_threads(spec.model.torch_threads)
     torch.manual_seed(spec.seed)
     tokenizer = spec.model.load_tokenizer()
-    scorer = SequenceScorer(spec.model.load_causal_lm(ray.train.torch.get_device()))
+    lm = spec.model.load_causal_lm(ray.train.torch.get_device())
+    if t.gradient_checkpointing:
+        # Non-reentrant: the reentrant form drops the gradient of inputs that need none, as embeddings' outputs.
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    scorer = SequenceScorer(lm)
     per_worker = t.batch_size // world
     engine: TrainEngine
     if t.strategy == "deepspeed":
@@ -315,7 +319,7 @@ def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
            "init": model_fingerprint(init) if init else None}
     if cfg.train.kl_budget is not None:
         # What the probes sample and score, since they choose the policy.
-        key["kl_probe"] = {"prompts": digests.get("prompts") or keys.digest(cfg.data.prompts, "data.prompts"),
+        key["kl_probe"] = {"prompts": keys.held_out_prompts(cfg, digests),
                            "baseline": model_fingerprint(cfg.baseline_model), "sample": cfg.sample.model_dump(),
                            "max_new_tokens": cfg.evaluate.max_new_tokens, "limits": keys.limits(cfg)}
     return key
