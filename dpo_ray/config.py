@@ -210,6 +210,19 @@ class ReferenceConfig(_ActorPool):
     replay_share: float = Field(0.0, ge=0, lt=1)
 
 
+class LoraSettings(_Section):
+    """train.lora: train a LoRA adapter (peft) on the frozen policy; the base model is the reference."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Module names to adapt, or "all-linear" (every linear layer but the LM head).
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # Also write the base with the adapter merged in as <train>/policy (what sampling, evaluation and the next
+    # round load); false: <train>/policy is the adapter folder, loaded onto its base wherever a model is loaded.
+    merge: bool = True
+
+
 class TrainConfig(_Section):
     # sigmoid, ipo and hinge train against the reference stage's log-probs; simpo and orpo need none, and the
     # pipeline skips the reference stage for them (losses.py has every formula).
@@ -247,6 +260,8 @@ class TrainConfig(_Section):
     # DeepSpeed ZeRO-Offload: keep the optimizer state (two fp32 copies of every weight for AdamW) in CPU memory and
     # step there; the GPUs then hold weights, gradients and activations only.
     offload_optimizer: bool = False
+    # LoRA instead of full fine-tuning, e.g. {r: 16, alpha: 32}; None: every weight trains.
+    lora: LoraSettings | None = None
     checkpoint_every: int = Field(20, ge=1)
     max_failures: int = Field(0, ge=-1)
     # Start from this model instead of model.policy (a later round's previous policy, say).

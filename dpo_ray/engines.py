@@ -19,6 +19,8 @@ from dpo_ray.config import TrainConfig
 from dpo_ray.logprobs import SequenceScorer
 
 POLICY_DIR = "policy"
+# Under train.lora, the train stage's adapter folder (peft), beside the merged policy.
+ADAPTER_DIR = "adapter"
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
@@ -33,6 +35,21 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimi
 def warmup_schedule(t: TrainConfig):
     # Linear warm-up to lr, then constant, as in the DPO paper.
     return lambda step: min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+
+
+def load_policy_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load into `model` the weights `save` wrote to `folder`: a full model's, or a LoRA adapter's."""
+    from safetensors.torch import load_file, load_model
+
+    adapter = folder / "adapter_model.safetensors"
+    if not adapter.is_file():
+        load_model(model, folder / "model.safetensors", strict=False)
+        return
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, load_file(adapter))
+    if result.unexpected_keys:
+        raise RuntimeError(f"{adapter}: weights the model's adapter does not have: {result.unexpected_keys[:3]}")
 
 
 class TrainEngine(Protocol):
@@ -64,7 +81,8 @@ class TrainEngine(Protocol):
         """The learning rate after the last step."""
 
     def save(self, path: Path, rank: int, tokenizer) -> None:
-        """Called on every rank: the policy as a safetensors folder in path/POLICY_DIR, and what `load` resumes."""
+        """Called on every rank: the policy as a safetensors folder in path/POLICY_DIR (under LoRA its adapter
+        folder), and what `load` resumes."""
 
     def load(self, path: Path) -> None:
         """Weights, optimizer and schedule from a folder `save` wrote."""
@@ -108,9 +126,7 @@ class DDPEngine:
                        path / "optimizer.pt")
 
     def load(self, path: Path) -> None:
-        from safetensors.torch import load_model
-
-        load_model(self.raw, path / POLICY_DIR / "model.safetensors", strict=False)
+        load_policy_weights(self.raw, path / POLICY_DIR)
         state = torch.load(path / "optimizer.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -40,7 +40,8 @@ def digest(path: str | Path | list, what: str) -> str:
 # those folders keep their keys and are not recomputed by the upgrade.
 ADDED_LATER = {"label": ("judge_model", "judge_rubric", "judge_tie_margin"),
                "train": ("kl_budget", "kl_probe_prompts", "simpo_gamma", "length_normalize",
-                         "gradient_checkpointing", "offload_optimizer"),
+                         "gradient_checkpointing", "offload_optimizer",
+                         "lora"),
                "evaluate": ("audit_labelers", "quality_tolerance"),
                "data": ("split", "columns")}
 

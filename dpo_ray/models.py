@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -115,19 +116,31 @@ def resolve_model(spec: str) -> str:
         raise ModelError(f"unknown built-in model {spec!r}; known: {sorted(_BUILTINS)}")
     path = Path(spec).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model folder {path} has no config.json")
+        if not ((path / "config.json").is_file() or (path / ADAPTER_CONFIG).is_file()):
+            raise ModelError(f"model folder {path} has no config.json (nor a LoRA adapter's {ADAPTER_CONFIG})")
         return str(path.resolve())
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelError(f"model path {spec} does not exist")
     return spec
 
 
+# What marks a folder as a LoRA adapter (peft's save_pretrained) rather than a full model.
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(folder: str | Path) -> str | None:
+    """The base model a LoRA adapter folder was trained on; None for anything else."""
+    config = Path(folder) / ADAPTER_CONFIG
+    return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
+
+
 def model_fingerprint(spec: str) -> str:
-    """A short hash identifying a model's weights and tokenizer, for stage cache keys."""
+    """A short hash identifying a model's weights and tokenizer (an adapter's with its base's), for stage keys."""
     resolved = resolve_model(spec)
     path = Path(resolved)
     h = hashlib.sha256()
+    if base := adapter_base(path):
+        h.update(model_fingerprint(base).encode())
     if path.is_dir():
         for f in sorted(path.iterdir()):
             if f.is_file():
@@ -163,10 +176,28 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: str | torch.device
                    trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
+    path = resolve_model(spec)
+    if base := adapter_base(path):
+        from peft import PeftModel
+
+        # Merged on load: every stage then runs a plain model, at full speed.
+        model = PeftModel.from_pretrained(load_causal_lm(base, dtype, "cpu", trust_remote_code), path)
+        return model.merge_and_unload().to(device)
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(spec), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+        path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
     )
     return model.to(device)
+
+
+def with_lora(model, lora, base: str):
+    """`model` frozen under a trainable LoRA adapter shaped by `lora` (config.LoraSettings). The adapter's saved
+    config names `base` as the config spells it (builtin:..., a path), so its folder loads wherever that does."""
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                               target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    adapted.peft_config["default"].base_model_name_or_path = base
+    return adapted
 
 
 def blend_weights(reference: dict[str, torch.Tensor], policy: dict[str, torch.Tensor],

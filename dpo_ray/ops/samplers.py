@@ -22,7 +22,7 @@ import torch
 from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ConfigError
-from dpo_ray.models import ModelSpec, device_for, resolve_model, set_torch_threads
+from dpo_ray.models import ModelSpec, adapter_base, device_for, resolve_model, set_torch_threads
 from dpo_ray.sampling import sample_seed, sample_tokens
 from dpo_ray.text import decode_completion, prompt_token_ids
 
@@ -171,6 +171,9 @@ def sample_dataset(
 ) -> ray.data.Dataset:
     """Completions of every prompt row, as a lazy Ray dataset with the COMPLETIONS schema."""
     s = cfg.sample
+    if s.backend == "vllm" and adapter_base(resolve_model(model)):
+        raise ConfigError(f"sample.backend: vllm is not wired to LoRA adapters yet, and {model} is one; train with "
+                          "train.lora.merge=true (the default) so the policy is a full model folder")
     remote_args = s.actor_resources()
     if s.backend == "vllm" and s.tensor_parallel_size > 1:
         remote_args.update(_tensor_parallel_placement(s.tensor_parallel_size))

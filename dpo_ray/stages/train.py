@@ -31,11 +31,11 @@ import torch.distributed as dist
 
 from dpo_ray import keys, schemas
 from dpo_ray.config import PipelineConfig, TrainConfig
-from dpo_ray.engines import POLICY_DIR, DDPEngine, DeepSpeedEngine, TrainEngine
+from dpo_ray.engines import ADAPTER_DIR, POLICY_DIR, DDPEngine, DeepSpeedEngine, TrainEngine
 from dpo_ray.errors import ConfigError, TrainingError
 from dpo_ray.logprobs import SequenceScorer, shared_prompt_batch
 from dpo_ray.losses import REFERENCE_FREE, DPOOutput, dpo_objective, reward_metrics
-from dpo_ray.models import ModelSpec, model_fingerprint, set_torch_threads
+from dpo_ray.models import ModelSpec, load_causal_lm, model_fingerprint, set_torch_threads, with_lora
 from dpo_ray.ops.kl_budget import within_budget
 from dpo_ray.ops.prompts import held_out_prompts
 from dpo_ray.runner import StageContext
@@ -193,6 +193,8 @@ def setup(spec: WorkerSpec) -> Worker:
     torch.manual_seed(spec.seed)
     tokenizer = spec.model.load_tokenizer()
     lm = spec.model.load_causal_lm(ray.train.torch.get_device())
+    if t.lora:
+        lm = with_lora(lm, t.lora, spec.model.path)
     if t.gradient_checkpointing:
         # Non-reentrant: the reentrant form drops the gradient of inputs that need none, as embeddings' outputs.
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -354,7 +356,7 @@ def run(ctx: StageContext) -> dict:
                                      held_out_prompts(ctx.cfg, ctx.sources, ctx.out))
         kept = checkpoints[step]
     with kept.as_directory() as path:
-        shutil.copytree(Path(path) / POLICY_DIR, ctx.out / POLICY_DIR)
+        publish_policy(Path(path) / POLICY_DIR, ctx.out, cfg)
     if t.kl_budget is not None:
         budget["checkpoints_pruned"] = _prune(checkpoints, keep={step, max(checkpoints)})
     with result.checkpoint.as_directory() as path:
@@ -365,6 +367,21 @@ def run(ctx: StageContext) -> dict:
     return {**final, "pairs": pairs, "pairs_repeated_per_epoch": repeated, "steps": state["step"],
             "nonfinite_steps": state["nonfinite_steps"], "tokens": state["tokens"],
             "resumed_from": state["resumed_from"], **budget}
+
+
+def publish_policy(trained: Path, out: Path, cfg: PipelineConfig) -> None:
+    """The kept checkpoint's policy as out/policy. Under LoRA its adapter goes to out/adapter and out/policy is the
+    base with the adapter merged in (train.lora.merge) or the adapter folder itself."""
+    lora = cfg.train.lora
+    if lora is None or not lora.merge:
+        shutil.copytree(trained, out / POLICY_DIR)
+    if lora is None:
+        return
+    shutil.copytree(trained, out / ADAPTER_DIR)
+    if lora.merge:
+        load_causal_lm(str(trained), cfg.model.dtype).save_pretrained(out / POLICY_DIR, safe_serialization=True)
+        for tokenizer_file in (f for f in trained.iterdir() if not f.name.startswith(("adapter_", "README"))):
+            shutil.copy2(tokenizer_file, out / POLICY_DIR)
 
 
 def _check_pairs(path: Path, loss: str) -> None:
