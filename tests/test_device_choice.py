@@ -56,3 +56,24 @@ def test_every_model_actor_asks_ray_for_its_device(monkeypatch, reward_model):
         monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
         assert build() is not None, name
         monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+
+
+def test_the_reward_model_sees_one_bos_whether_or_not_its_chat_template_writes_one(monkeypatch, reward_model):
+    """A chat template that writes BOS itself (Llama 3's does) must not get a second one from the tokenizer; a
+    reward model without a template gets the tokenizer's usual special tokens."""
+    from transformers import AutoTokenizer
+
+    cfg = load_config(None, ["model.policy=builtin:tiny-llama"])
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    scorer = RewardModelScorer(ModelSpec.of(cfg, reward_model), cfg.label.batch_size)
+    scorer.tokenizer.add_bos_token = True  # as Llama 3's tokenizer does
+    bos = scorer.tokenizer.bos_token_id
+    assert scorer.tokenizer("Review Heat.")["input_ids"][0] == bos
+    scorer.tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                                      "{% endfor %}")
+    ids = scorer.encode(["Review Heat."], ["Great film."])["input_ids"][0].tolist()
+    assert ids.count(bos) == 1 and ids[0] == bos
+    plain = AutoTokenizer.from_pretrained(reward_model, add_bos_token=True)
+    scorer.tokenizer.chat_template = None
+    ids = scorer.encode(["Review Heat."], ["Great film."])["input_ids"][0].tolist()
+    assert ids == plain("Review Heat.\nGreat film.")["input_ids"]

@@ -55,19 +55,24 @@ class RewardModelScorer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
-    def _render(self, prompt: str, completion: str) -> str:
+    def encode(self, prompts: list[str], completions: list[str]):
+        """The reward model's input tensors for (prompt, completion) pairs, in its chat template where it has one.
+        A rendered template already holds its special tokens (BOS included), so none are added again."""
         if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], tokenize=False)
-        return f"{prompt}\n{completion}"
+            texts = [self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False)
+                for p, c in zip(prompts, completions)]
+        else:
+            texts = [f"{p}\n{c}" for p, c in zip(prompts, completions)]
+        return self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
+                              add_special_tokens=not self.tokenizer.chat_template).to(self.device)
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = [self._render(p, c) for p, c in zip(batch["prompt"].to_pylist(), batch["completion"].to_pylist())]
+        prompts, completions = batch["prompt"].to_pylist(), batch["completion"].to_pylist()
         scores = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
-                                 return_tensors="pt").to(self.device)
+        for start in range(0, len(prompts), self.batch_size):
+            enc = self.encode(prompts[start : start + self.batch_size], completions[start : start + self.batch_size])
             scores += self.model(**enc).logits[:, 0].float().tolist()
         return batch.append_column(self.column, pa.array(scores, pa.float64()))
 
