@@ -84,6 +84,21 @@ def make_reference_parquet(folder: Path, n_pairs: int = 16) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_torch_extensions(tmp_path_factory):
+    """One folder for DeepSpeed's JIT-built CPU ops across the suite's runs (train._worker_env honours it): each
+    run building its own took about a minute per DeepSpeed test."""
+    import os
+
+    previous = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.mktemp("torch_extensions"))
+    yield
+    if previous is None:
+        os.environ.pop("TORCH_EXTENSIONS_DIR")
+    else:
+        os.environ["TORCH_EXTENSIONS_DIR"] = previous
+
+
 def isolated_env() -> dict:
     """Environment for a pipeline subprocess: its own new local Ray cluster and the default MLflow store."""
     import os

@@ -451,8 +451,9 @@ def _worker_env(cfg: PipelineConfig) -> dict:
     env = {}
     if cfg.train.strategy == "deepspeed" and not cfg.train.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-        # A killed JIT build leaves a lock that hangs the next run: give each run its own extensions dir.
-        env["TORCH_EXTENSIONS_DIR"] = str(cfg.run_dir / "torch_extensions")
+        # A killed JIT build leaves a lock that hangs the next run: give each run its own extensions dir, unless
+        # the driver's environment names one (the test suite shares one, so DeepSpeed's ops build once, not per run).
+        env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or str(cfg.run_dir / "torch_extensions")
     for name in ("DPO_RAY_CACHE", "HF_HOME"):
         if name in os.environ:
             env[name] = os.environ[name]
