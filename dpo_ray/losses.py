@@ -49,7 +49,7 @@ def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, 
     """Per-pair preference losses and implicit rewards; all tensors (B,)."""
     z = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * z) * (1 - label_smoothing) - F.logsigmoid(-beta * z) * label_smoothing
+        losses = _smoothed_sigmoid_loss(beta * z, label_smoothing)
     elif loss_type == "ipo":
         losses = (z - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
@@ -61,6 +61,15 @@ def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, 
     return DPOOutput(losses.mean(), losses, chosen_rewards, rejected_rewards)
 
 
+def _smoothed_sigmoid_loss(margin: Tensor, label_smoothing: float) -> Tensor:
+    return -F.logsigmoid(margin) * (1 - label_smoothing) - F.logsigmoid(-margin) * label_smoothing
+
+
+def _log_odds(mean_logps: Tensor) -> Tensor:
+    # log(p / (1 - p)) with p = e^m; log(1 - e^m) as log(-expm1(m)): exact for m near 0, where 1 - e^m cancels.
+    return mean_logps - torch.log(-torch.expm1(mean_logps))
+
+
 def nll_loss(chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
     """Mean per-token negative log-likelihood of the chosen completions, the RPO term; inputs (B,)."""
     return -(chosen_logps / chosen_tokens.clamp(min=1)).mean()
@@ -69,17 +78,13 @@ def nll_loss(chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
 def simpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, beta: float, gamma: float,
                label_smoothing: float = 0.0) -> DPOOutput:
     """SimPO on mean per-token log-probs, (B,) each."""
-    margin = beta * (chosen_mean_logps - rejected_mean_logps) - gamma
-    losses = -F.logsigmoid(margin) * (1 - label_smoothing) - F.logsigmoid(-margin) * label_smoothing
+    losses = _smoothed_sigmoid_loss(beta * (chosen_mean_logps - rejected_mean_logps) - gamma, label_smoothing)
     return DPOOutput(losses.mean(), losses, beta * chosen_mean_logps.detach(), beta * rejected_mean_logps.detach())
 
 
 def orpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, beta: float) -> DPOOutput:
     """ORPO on mean per-token log-probs, (B,) each: the chosen NLL plus beta times the odds-ratio loss."""
-    # log(1 - e^m) as log(-expm1(m)): exact for m near 0, where 1 - e^m cancels.
-    log_odds = (chosen_mean_logps - torch.log(-torch.expm1(chosen_mean_logps))) - (
-        rejected_mean_logps - torch.log(-torch.expm1(rejected_mean_logps)))
-    losses = -chosen_mean_logps - beta * F.logsigmoid(log_odds)
+    losses = -chosen_mean_logps - beta * F.logsigmoid(_log_odds(chosen_mean_logps) - _log_odds(rejected_mean_logps))
     return DPOOutput(losses.mean(), losses, beta * chosen_mean_logps.detach(), beta * rejected_mean_logps.detach())
 
 
@@ -90,18 +95,18 @@ def dpo_objective(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, re
     """train.loss on summed log-probs and token counts (B,) plus, when rpo_alpha > 0, rpo_alpha times the NLL of
     the chosen completions; the reference log-probs may be None for a REFERENCE_FREE loss."""
     chosen_len, rejected_len = chosen_tokens.clamp(min=1), rejected_tokens.clamp(min=1)
+    policy = (policy_chosen_logps, policy_rejected_logps)
+    reference = (ref_chosen_logps, ref_rejected_logps)
+    if loss_type in REFERENCE_FREE or length_normalize:
+        policy = (policy[0] / chosen_len, policy[1] / rejected_len)
     if loss_type == "simpo":
-        out = simpo_loss(policy_chosen_logps / chosen_len, policy_rejected_logps / rejected_len, beta, simpo_gamma,
-                         label_smoothing)
+        out = simpo_loss(*policy, beta, simpo_gamma, label_smoothing)
     elif loss_type == "orpo":
-        out = orpo_loss(policy_chosen_logps / chosen_len, policy_rejected_logps / rejected_len, beta)
-    elif length_normalize:
-        out = preference_loss(policy_chosen_logps / chosen_len, policy_rejected_logps / rejected_len,
-                              ref_chosen_logps / chosen_len, ref_rejected_logps / rejected_len, beta, loss_type,
-                              label_smoothing)
+        out = orpo_loss(*policy, beta)
     else:
-        out = preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                              beta, loss_type, label_smoothing)
+        if length_normalize:
+            reference = (reference[0] / chosen_len, reference[1] / rejected_len)
+        out = preference_loss(*policy, *reference, beta, loss_type, label_smoothing)
     if rpo_alpha > 0:
         out.loss = out.loss + rpo_alpha * nll_loss(policy_chosen_logps, chosen_tokens)
     return out

@@ -373,26 +373,26 @@ def publish_policy(trained: Path, out: Path, cfg: PipelineConfig) -> None:
     """The kept checkpoint's policy as out/policy. Under LoRA its adapter goes to out/adapter and out/policy is the
     base with the adapter merged in (train.lora.merge) or the adapter folder itself."""
     lora = cfg.train.lora
-    if lora is None or not lora.merge:
-        shutil.copytree(trained, out / POLICY_DIR)
-    if lora is None:
-        return
-    shutil.copytree(trained, out / ADAPTER_DIR)
-    if lora.merge:
+    if lora:
+        shutil.copytree(trained, out / ADAPTER_DIR)
+    if lora and lora.merge:
         load_causal_lm(str(trained), cfg.model.dtype).save_pretrained(out / POLICY_DIR, safe_serialization=True)
         for tokenizer_file in (f for f in trained.iterdir() if not f.name.startswith(("adapter_", "README"))):
             shutil.copy2(tokenizer_file, out / POLICY_DIR)
+    else:
+        shutil.copytree(trained, out / POLICY_DIR)
 
 
 def _check_pairs(path: Path, loss: str) -> None:
     # A reference-free loss trains on the label stage's pairs as well as on the reference stage's output.
+    schemas.check_folder(path, schemas.PAIRS)
+    if loss in REFERENCE_FREE:
+        return
     try:
-        schemas.check_folder(path, schemas.PAIRS if loss in REFERENCE_FREE else schemas.REFERENCE)
+        schemas.check_folder(path, schemas.REFERENCE)  # the pairs are right: what fails is the reference columns
     except schemas.SchemaError as err:
-        if any(name in str(err) for name in schemas.REFERENCE_COLUMNS):
-            raise schemas.SchemaError(f"{err}: train.loss={loss} needs reference log-probs; give --reference the "
-                                      "reference stage's output, or use a reference-free loss (simpo, orpo)") from None
-        raise
+        raise schemas.SchemaError(f"{err}: train.loss={loss} needs reference log-probs; give --reference the "
+                                  "reference stage's output, or use a reference-free loss (simpo, orpo)") from None
 
 
 def _prune(checkpoints: dict[int, ray.train.Checkpoint], keep: set[int]) -> int:
