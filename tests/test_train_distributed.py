@@ -39,19 +39,29 @@ def reference_dir(tmp_path_factory):
     ray.shutdown()
 
 
-@pytest.mark.parametrize("overrides", [
+# Each training strategy, for the tests that run under all of them.
+STRATEGIES = pytest.mark.parametrize("strategy", [
     ["train.strategy=ddp"],
     ["train.strategy=deepspeed", "train.zero_stage=2"],
     ["train.strategy=deepspeed", "train.zero_stage=3"],
 ], ids=["ddp", "zero2", "zero3"])
-def test_two_workers_train_and_save_policy(reference_dir, tmp_path, overrides):
+
+
+def _train_two_workers(reference_dir: Path, root: Path, key: str, *overrides: str):
+    """The train stage on two workers, 16 pairs at 8 per step for 2 epochs (4 steps), into root/train:
+    (cfg, the output folder, the stage's stats)."""
     cfg = load_config("configs/tiny.yaml", [
-        f"run.root={tmp_path}", "train.num_workers=2", "train.batch_size=8", "train.micro_batch_size=2",
+        f"run.root={root}", "train.num_workers=2", "train.batch_size=8", "train.micro_batch_size=2",
         "train.epochs=2", "train.lr=1e-2", *overrides,
     ])
-    out = tmp_path / "train"
-    out.mkdir()
-    stats = train.run(StageContext(cfg, out, {"reference": reference_dir}, "t" * 12 + overrides[-1]))
+    out = root / "train"
+    out.mkdir(parents=True)
+    return cfg, out, train.run(StageContext(cfg, out, {"reference": reference_dir}, key))
+
+
+@STRATEGIES
+def test_two_workers_train_and_save_policy(reference_dir, tmp_path, strategy):
+    cfg, out, stats = _train_two_workers(reference_dir, tmp_path, "t" * 12 + strategy[-1], *strategy)
     assert stats["steps"] == 4  # 16 pairs / 8 per step x 2 epochs
     assert stats["nonfinite_steps"] == 0
     # Preference accuracy after a few large steps on 16 fixed pairs: the policy learned to rank them.
@@ -60,7 +70,7 @@ def test_two_workers_train_and_save_policy(reference_dir, tmp_path, overrides):
 
     model = AutoModelForCausalLM.from_pretrained(out / "policy")
     assert model.config.num_hidden_layers == 2
-    if "train.strategy=deepspeed" in overrides:
+    if "train.strategy=deepspeed" in strategy:
         # The saved policy is the trained one: equal to the weights in DeepSpeed's own sharded checkpoint of the
         # last step, consolidated offline (for ZeRO-3 the save gathers layer by layer, not the whole model at once).
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -184,12 +194,7 @@ def test_memory_savers_train_the_same_policy(reference_dir, tmp_path, strategy, 
 
     results = {}
     for name, extra in (("plain", []), ("saver", [saver])):
-        cfg = load_config("configs/tiny.yaml", [
-            f"run.root={tmp_path / name}", "train.num_workers=2", "train.batch_size=8", "train.micro_batch_size=2",
-            "train.epochs=2", "train.lr=1e-2", *strategy, *extra])
-        out = tmp_path / name / "train"
-        out.mkdir(parents=True)
-        stats = train.run(StageContext(cfg, out, {"reference": reference_dir}, f"{name}-{saver}"))
+        cfg, out, stats = _train_two_workers(reference_dir, tmp_path / name, f"{name}-{saver}", *strategy, *extra)
         results[name] = stats, load_file(out / "policy" / "model.safetensors")
     (plain, plain_weights), (saver_stats, saver_weights) = results["plain"], results["saver"]
     assert saver_stats["steps"] == plain["steps"] == 4
@@ -201,11 +206,7 @@ def test_memory_savers_train_the_same_policy(reference_dir, tmp_path, strategy, 
         assert (saver_weights[key] - value).norm() <= 0.01 * update, key
 
 
-@pytest.mark.parametrize("strategy", [
-    ["train.strategy=ddp"],
-    ["train.strategy=deepspeed", "train.zero_stage=2"],
-    ["train.strategy=deepspeed", "train.zero_stage=3"],
-], ids=["ddp", "zero2", "zero3"])
+@STRATEGIES
 def test_lora_trains_the_adapter_alone_under_each_strategy(reference_dir, tmp_path, strategy):
     """train.lora on two workers: the published policy is the base with the adapter merged in, the weights LoRA
     does not adapt (embeddings, norms) are bit for bit the base's, the adapter folder is small and loads to the
@@ -214,12 +215,8 @@ def test_lora_trains_the_adapter_alone_under_each_strategy(reference_dir, tmp_pa
 
     from dpo_ray.models import load_causal_lm
 
-    cfg = load_config("configs/tiny.yaml", [
-        f"run.root={tmp_path}", "train.num_workers=2", "train.batch_size=8", "train.micro_batch_size=2",
-        "train.epochs=2", "train.lr=3e-2", "train.lora={r: 4, alpha: 8}", *strategy])
-    out = tmp_path / "train"
-    out.mkdir()
-    stats = train.run(StageContext(cfg, out, {"reference": reference_dir}, "lora-" + strategy[-1]))
+    cfg, out, stats = _train_two_workers(reference_dir, tmp_path, "lora-" + strategy[-1], "train.lr=3e-2",
+                                         "train.lora={r: 4, alpha: 8}", *strategy)
     assert stats["steps"] == 4 and stats["nonfinite_steps"] == 0
     assert stats["final/rewards/accuracies"] > 0.5
     base = load_file(Path(resolve_model(cfg.model.policy)) / "model.safetensors")
