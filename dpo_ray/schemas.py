@@ -25,10 +25,12 @@ def _schema(base: pa.Schema | None = None, /, **columns: pa.DataType) -> pa.Sche
 # Normalized prompts (written by the pipeline before sampling). `messages_json` keeps a chat prompt verbatim.
 PROMPTS = _schema(prompt_id=pa.string(), prompt=pa.string(), messages_json=pa.string(), split=pa.string())
 
-# sample: one row per completion.
+# sample: one row per completion. `messages_json`: the conversation the sampler rendered, data.system_prompt
+# applied (text.sampled_messages_json; null for a plain-text prompt without one), so a reward model or judge is
+# shown all of it.
 COMPLETIONS = _schema(
     prompt_id=pa.string(),
-    prompt=pa.string(), prompt_ids=TOKENS,
+    prompt=pa.string(), messages_json=pa.string(), prompt_ids=TOKENS,
     sample_index=pa.int32(),
     completion=pa.string(), completion_ids=TOKENS,
     # Sum of the sampling model's untempered log-probs of the completion tokens (vLLM: its raw logprobs).
@@ -117,6 +119,11 @@ def _parquet_dataset(path: str | Path) -> pq.ParquetDataset:
 def check_folder(path: str | Path, schema: pa.Schema) -> None:
     """check_schema on a Parquet file or folder of part files, reading only their footers."""
     check_schema(_parquet_dataset(path).schema, schema, path)
+
+
+def column_names(path: str | Path) -> list[str]:
+    """The columns of a Parquet file or folder of part files, reading only their footers."""
+    return _parquet_dataset(path).schema.names
 
 
 def read_table(path: str | Path, schema: pa.Schema, columns: Sequence[str] | None = None) -> pa.Table:

@@ -26,6 +26,26 @@ def prompt_messages(prompt: str | None, messages_json: str | None, system_prompt
     return messages
 
 
+def sampled_messages_json(prompt: str | None, messages_json: str | None, system_prompt: str | None) -> str | None:
+    """The conversation a sampler rendered for a prompt (`data.system_prompt` applied), as COMPLETIONS keeps it so
+    a labeler can show the whole of it; None for a plain-text prompt without a system prompt, which is its text."""
+    if not messages_json and not system_prompt:
+        return None
+    return json.dumps(prompt_messages(prompt, messages_json, system_prompt))
+
+
+# Anthropic-HH's turn names, the one plain-text conversation form data.preferences reads.
+_TEXT_ROLES = {"user": "Human", "assistant": "Assistant"}
+
+
+def conversation_text(messages: list[dict]) -> str:
+    """A chat as plain text that keeps its turns, for a model without a chat template: a system message as a
+    paragraph of its own first (as render_prompt puts data.system_prompt before a plain prompt), then each turn as
+    "Human: ..." or "Assistant: ..." (Anthropic-HH's form), a blank line between."""
+    return "\n\n".join(m["content"] if m["role"] == "system" else f"{_TEXT_ROLES[m['role']]}: {m['content']}"
+                       for m in messages)
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -55,6 +55,35 @@ def tokenizer():
     return load_tokenizer("builtin:tiny-llama")
 
 
+@pytest.fixture()
+def reward_model(tmp_path):
+    """A randomly initialized one-score reward model on the tiny Llama, with its tokenizer, in a folder."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from dpo_ray.models import resolve_model
+
+    local = resolve_model("builtin:tiny-llama")
+    config = AutoConfig.from_pretrained(local, num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    return str(tmp_path / "rm")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    # Under the whole suite an earlier test may have left this process connected to a cluster (a second ray.init
+    # would fail): leave it, and start a cluster of our own, shut down after, so nothing this module starts (its
+    # actors, Ray Data's readers) is seen by later modules' clusters.
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
+    yield
+    ray.shutdown()
+
+
 def make_reference_parquet(folder: Path, n_pairs: int = 16) -> Path:
     """Random-token pairs of the tiny model's vocabulary with real reference log-probs (scored in-process)."""
     import random

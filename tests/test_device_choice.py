@@ -3,10 +3,9 @@
 import pytest
 import ray
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from dpo_ray.config import load_config
-from dpo_ray.models import ModelError, device_for, resolve_model
+from dpo_ray.models import ModelError, device_for
 from dpo_ray.models import ModelSpec
 from dpo_ray.ops.rewards import RewardModelScorer
 from dpo_ray.ops.samplers import SamplerSpec, TransformersSampler
@@ -26,17 +25,6 @@ def test_a_reserved_gpu_that_torch_cannot_see_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ModelError, match=r"Ray gave this actor GPU\(s\) \[0\] but torch .* sees no CUDA device"):
         device_for([0])
-
-
-@pytest.fixture()
-def reward_model(tmp_path):
-    local = resolve_model("builtin:tiny-llama")
-    config = AutoConfig.from_pretrained(local, num_labels=1)
-    tokenizer = AutoTokenizer.from_pretrained(local)
-    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
-    return str(tmp_path / "rm")
 
 
 def test_every_model_actor_asks_ray_for_its_device(monkeypatch, reward_model):
@@ -71,9 +59,9 @@ def test_the_reward_model_sees_one_bos_whether_or_not_its_chat_template_writes_o
     assert scorer.tokenizer("Review Heat.")["input_ids"][0] == bos
     scorer.tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
                                       "{% endfor %}")
-    ids = scorer.encode(["Review Heat."], ["Great film."])["input_ids"][0].tolist()
+    ids = scorer.encode(["Review Heat."], [None], ["Great film."])["input_ids"][0].tolist()
     assert ids.count(bos) == 1 and ids[0] == bos
     plain = AutoTokenizer.from_pretrained(reward_model, add_bos_token=True)
     scorer.tokenizer.chat_template = None
-    ids = scorer.encode(["Review Heat."], ["Great film."])["input_ids"][0].tolist()
+    ids = scorer.encode(["Review Heat."], [None], ["Great film."])["input_ids"][0].tolist()
     assert ids == plain("Review Heat.\nGreat film.")["input_ids"]

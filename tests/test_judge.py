@@ -119,7 +119,7 @@ def judge():
 
 def _completions(prompt_counts: dict[str, int]) -> pa.Table:
     words = ["great", "dull", "fun", "long", "bright", "slow"]
-    rows = [{"prompt_id": pid, "prompt": f"Review the film {pid}.", "sample_index": i,
+    rows = [{"prompt_id": pid, "prompt": f"Review the film {pid}.", "messages_json": None, "sample_index": i,
              "completion": f"The film was {words[i]} and {words[(i + k) % 6]}.", "sample_logp": -1.0 * i}
             for k, (pid, n) in enumerate(prompt_counts.items()) for i in range(n)]
     return pa.Table.from_pylist(rows)
@@ -203,19 +203,6 @@ def test_the_judge_is_a_labeler_keyed_on_its_model():
     with pytest.raises(ModelError, match="/no/such/judge"):
         keys.labeler_fingerprints(other)
     assert "judge" not in keys.labeler_fingerprints(load_config("configs/tiny.yaml"))
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # Under the whole suite an earlier test may have left this process connected to a cluster (a second ray.init
-    # would fail): leave it, and start a cluster of our own, shut down after, so nothing this module starts (its
-    # actors, Ray Data's readers) is seen by later modules' clusters.
-    ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """The LLM-as-judge labeler (`label.labeler: judge`): a local chat model compares two completions of one prompt.
 
 One comparison is one forward pass, no generation: the rubric (`label.judge_rubric`, a format string with {prompt},
-{a} and {b}) filled with the prompt and the two completions as responses A and B is one user message, rendered with
-the judge's chat template (plain text if it has none) and ended by the assistant's turn; the judge's preference for
-A is log p("A") - log p("B") at the next token (each letter's single-token spellings, "A" and " A", pooled).
+{a} and {b}) filled with the prompt (a chat as its whole conversation in text, `judged_prompt`) and the two
+completions as responses A and B is one user message, rendered with the judge's chat template (plain text if it has
+none) and ended by the assistant's turn; the judge's preference for A is log p("A") - log p("B") at the next token
+(each letter's single-token spellings, "A" and " A", pooled).
 
 Position bias cancels: every two distinct completions of a prompt are judged in both orders, and the preference for
 the first is d = (pref_A(first as A) - pref_A(first as B)) / 2, so a judge that always answers A gets d = 0. A
@@ -24,6 +25,7 @@ which logs how many comparisons it made, how many were ties, and how many the ju
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ from dpo_ray.errors import ModelError
 from dpo_ray.logprobs import pad_batch, prompt_attention_mask
 from dpo_ray.models import ModelSpec, device_for, load_causal_lm, set_torch_threads
 from dpo_ray.ops.datasets import by_prompt, sum_columns
-from dpo_ray.text import render_prompt
+from dpo_ray.text import conversation_text, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,12 @@ def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
                          "(or 'B' nor ' B') as one token of its own, so the judge's answer cannot be read off one "
                          "next-token distribution; pick another judge model")
     return found["A"], found["B"]
+
+
+def judged_prompt(prompt: str, messages_json: str | None) -> str:
+    """The rubric's {prompt} for a COMPLETIONS row: a conversation whole, as text that keeps its turns (system
+    message and history included: the completions answer all of it), else the plain prompt."""
+    return conversation_text(json.loads(messages_json)) if messages_json else prompt
 
 
 def render_judge_ids(tokenizer, rubric: str, prompt: str, a: str, b: str) -> list[int]:
@@ -182,7 +190,7 @@ class JudgeScorer:
                                   self.spec.batch_size)
 
     def __call__(self, group: pa.Table) -> pa.Table:
-        prompt = group["prompt"][0].as_py()
+        prompt = judged_prompt(group["prompt"][0].as_py(), group["messages_json"][0].as_py())
         result = tournament(group["completion"].to_pylist(), lambda orderings: self.prefer_a(prompt, orderings),
                             self.spec.tie_margin)
         group = group.append_column(self.spec.column, pa.array(result.rewards, pa.float64()))

@@ -2,7 +2,8 @@
 prompt_ids/completion_ids), higher is better.
 
 - `sentiment`: VADER compound sentiment of the completion, in [-1, 1];
-- `reward_model`: any local AutoModelForSequenceClassification folder with a single output;
+- `reward_model`: any local AutoModelForSequenceClassification folder with a single output, shown the whole
+  conversation (system message and earlier turns) in its own chat template;
 - `implicit`: the DPO implicit reward beta*log(pi/pi_ref) of a given policy and reference (self-labeling);
 - `judge`: a chat model's pairwise verdicts in both orders, as each completion's win share in [0, 1] (ops/judge.py).
 
@@ -12,6 +13,7 @@ adding one is adding a class to `LABELERS`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -24,6 +26,7 @@ from dpo_ray.errors import ModelError
 from dpo_ray.models import ModelSpec, device_for, resolve_model, set_torch_threads
 from dpo_ray.ops.judge import check_judge, judge_rewards
 from dpo_ray.ops.scorers import completion_logps_column
+from dpo_ray.text import conversation_text, prompt_messages
 
 
 class SentimentScorer:
@@ -38,8 +41,22 @@ class SentimentScorer:
         return batch.append_column(self.column, pa.array(scores, pa.float64()))
 
 
+def reward_model_text(tokenizer, prompt: str, messages_json: str | None, completion: str) -> str:
+    """What the reward model reads for one completion: with a chat template of its own, the whole conversation
+    (system message and earlier turns included) ended by the completion as the assistant's turn, rendered by that
+    template; without one, the conversation as plain text that keeps its turns (text.conversation_text,
+    Anthropic-HH's "Human:"/"Assistant:" form); a plain-text prompt without a system message, which has no turns to
+    keep, as the prompt, a newline and the completion."""
+    if tokenizer.chat_template:
+        messages = prompt_messages(prompt, messages_json, None) + [{"role": "assistant", "content": completion}]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    if messages_json:
+        return conversation_text(json.loads(messages_json) + [{"role": "assistant", "content": completion}])
+    return f"{prompt}\n{completion}"
+
+
 class RewardModelScorer:
-    """Ray Data callable: the reward model's score of each (prompt, completion), rendered with its chat template."""
+    """Ray Data callable: the reward model's score of each completion in its conversation (reward_model_text)."""
 
     def __init__(self, model: ModelSpec, batch_size: int, column: str = "reward"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -55,24 +72,19 @@ class RewardModelScorer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
-    def encode(self, prompts: list[str], completions: list[str]):
-        """The reward model's input tensors for (prompt, completion) pairs, in its chat template where it has one.
-        A rendered template already holds its special tokens (BOS included), so none are added again."""
-        if self.tokenizer.chat_template:
-            texts = [self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False)
-                for p, c in zip(prompts, completions)]
-        else:
-            texts = [f"{p}\n{c}" for p, c in zip(prompts, completions)]
+    def encode(self, prompts: list[str], messages: list[str | None], completions: list[str]):
+        """The reward model's input tensors for COMPLETIONS rows' prompt, messages_json and completion. A rendered
+        template already holds its special tokens (BOS included), so none are added again."""
+        texts = [reward_model_text(self.tokenizer, p, m, c) for p, m, c in zip(prompts, messages, completions)]
         return self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
                               add_special_tokens=not self.tokenizer.chat_template).to(self.device)
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        prompts, completions = batch["prompt"].to_pylist(), batch["completion"].to_pylist()
+        columns = [batch[name].to_pylist() for name in ("prompt", "messages_json", "completion")]
         scores = []
-        for start in range(0, len(prompts), self.batch_size):
-            enc = self.encode(prompts[start : start + self.batch_size], completions[start : start + self.batch_size])
+        for start in range(0, batch.num_rows, self.batch_size):
+            enc = self.encode(*(column[start : start + self.batch_size] for column in columns))
             scores += self.model(**enc).logits[:, 0].float().tolist()
         return batch.append_column(self.column, pa.array(scores, pa.float64()))
 

@@ -24,7 +24,7 @@ from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ConfigError
 from dpo_ray.models import ModelSpec, adapter_base, device_for, resolve_model, set_torch_threads
 from dpo_ray.sampling import sample_seed, sample_tokens
-from dpo_ray.text import decode_completion, prompt_token_ids
+from dpo_ray.text import decode_completion, prompt_token_ids, sampled_messages_json
 
 
 def sample_logp_is_exact(cfg: PipelineConfig) -> bool:
@@ -80,6 +80,7 @@ class _Sampler:
             for index, (completion_ids, logp, finish) in enumerate(samples):
                 out.append({
                     "prompt_id": row["prompt_id"], "prompt": row["prompt"], "prompt_ids": ids,
+                    "messages_json": sampled_messages_json(row["prompt"], row["messages_json"], s.system_prompt),
                     "sample_index": index, "completion": decode_completion(self.tokenizer, completion_ids),
                     "completion_ids": completion_ids, "sample_logp": logp, "finish_reason": finish,
                     "prompt_truncated": truncated,

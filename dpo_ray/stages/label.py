@@ -11,6 +11,7 @@ writes `pairs/` and the rejected rows, if any.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +29,8 @@ from dpo_ray.ops.rewards import add_rewards, check_labeler
 from dpo_ray.pairs import PairStats, build_pairs
 from dpo_ray.runner import StageContext
 from dpo_ray.text import TokenizationError, completion_token_ids, prompt_token_ids
+
+log = logging.getLogger(__name__)
 
 # Without completions the stage imports data.preferences instead.
 SOURCES = {"completions": False}
@@ -88,11 +91,32 @@ def _no_filter_reward(batch: pa.Table) -> pa.Table:
     return batch.append_column("filter_reward", pa.nulls(batch.num_rows, pa.float64()))
 
 
+def _no_messages(batch: pa.Table) -> pa.Table:
+    return batch.add_column(batch.schema.get_field_index("prompt") + 1, schemas.COMPLETIONS.field("messages_json"),
+                            pa.nulls(batch.num_rows, pa.string()))
+
+
+def read_completions(cfg: PipelineConfig, path: Path) -> ray.data.Dataset:
+    """The completions at `path`. Those an earlier version sampled have no messages_json, and its sample stage is
+    reused as it is (the stage key did not change): they are read with the column null, which is exact for
+    plain-text prompts without a system prompt; a reward model or judge then sees a chat prompt's last user turn
+    alone, as that version showed it, and a warning says so."""
+    ds = ray.data.read_parquet(str(path))
+    if "messages_json" in schemas.column_names(path):
+        return ds
+    if {"reward_model", "judge"} & {cfg.label.labeler, cfg.label.filter_labeler}:
+        log.warning(f"label: {path} was sampled by an earlier dpo-ray, which did not keep the prompts' "
+                    "conversations (messages_json): the reward model or judge sees each prompt's last user turn "
+                    "without the system prompt or earlier turns. Sample again (delete the sample folder) to label "
+                    "whole conversations")
+    return ds.map_batches(_no_messages, batch_format="pyarrow")
+
+
 def label_completions(cfg: PipelineConfig, completions_path: Path, out: Path, sampled_by: str | None) -> dict:
     """Score completions and pair them; `sampled_by` names the model that sampled them, when the caller knows."""
     check_labeler(cfg, cfg.label.labeler)
     check_labeler(cfg, cfg.label.filter_labeler)
-    scored = add_rewards(ray.data.read_parquet(str(completions_path)), cfg, sampled_by=sampled_by)
+    scored = add_rewards(read_completions(cfg, completions_path), cfg, sampled_by=sampled_by)
     if cfg.label.filter_labeler:
         # Materialized first, so only one scorer's actor pool holds CPUs at a time: two pools in one streaming
         # pipeline can take the CPUs its read tasks need and wait on each other forever (seen on 2 CPUs).
