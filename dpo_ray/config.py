@@ -396,6 +396,11 @@ class PipelineConfig(_Section):
         if self.train.loss in REFERENCE_FREE and self.reference.replay_share > 0:
             raise ValueError(f"reference.replay_share: replay is drawn by the reference stage, which train.loss="
                              f"{self.train.loss} skips (it needs no reference log-probs)")
+        lora = self.train.lora
+        if self.rounds.count > 1 and lora and not lora.merge and self.sample.backend == "vllm":
+            raise ValueError("train.lora.merge: false makes round 2 train an adapter on round 1's adapter, and "
+                             "sample.backend=vllm applies one adapter to a full model; merge, or sample with "
+                             "transformers")
         if self.rounds.kl_budget is not None and self.train.kl_budget is not None:
             raise ValueError("rounds.kl_budget: set it or train.kl_budget, not both (rounds.kl_budget sets each "
                              "round's train.kl_budget; rounds.overrides sets one round's)")

