@@ -13,6 +13,13 @@ Reported per variant: median step time over the timed steps, the peak RSS during
 model and engine are built: weights, gradients, optimizer state, activations and the interpreter), the RSS once
 built, and the first step's loss (the same weights and batch give the same loss for every variant at step 1).
 
+The memory plan's check (`dpo-ray plan`, dpo_ray/memory_plan.py): the plan's total for the variant, at the
+longest prompt and completion of the steps' batches, against what the steps needed, measured as the peak RSS less
+the RSS before the model was loaded. Children run with MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB: glibc's default
+threshold grows as large blocks are freed, after which freed activations stay in the heap and the RSS stays at
+its high-water mark; fixed, every large tensor is its own mapping, returned on free, and RSS follows the live
+tensors (the first runs, without it, read 0.5-0.9 GiB more for LoRA than this does).
+
     .venv-bench/bin/python benchmarks/memory_savers.py --batch-size 8 --steps 3
 """
 
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -53,6 +61,7 @@ def child(variant: str, workload: Path, steps: int, warmup: int, threads: int) -
     from dpo_ray.stages.train import _micro_batches, dpo_forward
 
     common.set_threads(threads)
+    rss_start = _status_mib("VmRSS")
     data = json.loads(workload.read_text())
     pairs, path, pad = data["pairs"], data["path"], data["pad_id"]
     batch = data["batch_size"]
@@ -79,9 +88,23 @@ def child(variant: str, workload: Path, steps: int, warmup: int, threads: int) -
         times.append(time.perf_counter() - start)
         losses.append(metrics["loss"])
         common.log(f"{variant}: step {i + 1}/{warmup + steps} {times[-1]:.1f} s, loss {losses[-1]:.5f}")
+    peak = _status_mib("VmHWM")
     return {"variant": variant, "trainable_params": trainable, "step": common.summarize(times, warmup),
-            "rss_built_mib": rss_built, "peak_rss_mib": _status_mib("VmHWM"),
+            "rss_start_mib": rss_start, "rss_built_mib": rss_built, "peak_rss_mib": peak,
+            "plan": _plan_check(path, t, pairs[: (warmup + steps) * batch], batch, peak - rss_start),
             "losses": losses}
+
+
+def _plan_check(path: str, t, pairs: list[dict], batch: int, measured_mib: float) -> dict:
+    from dpo_ray.memory_plan import Setting, estimate, model_shape
+
+    prompt = max(len(p["prompt_ids"]) for p in pairs)
+    completion = max(max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs)
+    est = estimate(model_shape(path, t.lora), Setting("ddp", t.lora is not None, t.gradient_checkpointing),
+                   "float32", 1, batch, prompt, completion, t.lora)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "estimate_mib": est.total / 2**20,
+            "activations_mib": est.activations / 2**20, "measured_mib": measured_mib,
+            "estimate_vs_measured": est.total / 2**20 / measured_mib}
 
 
 def main() -> None:
@@ -116,7 +139,8 @@ def main() -> None:
             proc = subprocess.run([sys.executable, __file__, "--child", variant, "--workload", str(workload),
                                    "--steps", str(args.steps), "--warmup", str(args.warmup),
                                    "--threads", str(args.threads)],
-                                  capture_output=True, text=True, check=False)
+                                  capture_output=True, text=True, check=False,
+                                  env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
             if proc.returncode:
                 raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
             results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -129,7 +153,8 @@ def main() -> None:
             r["peak_rss_vs_full"] = r["peak_rss_mib"] / full["peak_rss_mib"]
         common.log(f"{name}: {r['step']['median_s']:.2f} s/step, peak RSS {r['peak_rss_mib']:.0f} MiB "
                    f"(built {r['rss_built_mib']:.0f}), trainable {r['trainable_params'] / 1e6:.2f}M, "
-                   f"first loss {r['losses'][0]:.6f}")
+                   f"first loss {r['losses'][0]:.6f}; plan {r['plan']['estimate_mib']:.0f} MiB against "
+                   f"{r['plan']['measured_mib']:.0f} measured ({r['plan']['estimate_vs_measured']:.2f}x)")
     out = common.write_result("memory_savers", {"machine": common.machine_info(), "code": common.code_version(),
                                                 "matmul_peak": peak, "pairs": common.describe_pairs(pairs),
                                                 "batch_size": args.batch_size, "variants": results})

@@ -2,6 +2,7 @@
 
     dpo-ray run [--config configs/default.yaml] [key.path=value ...]
     dpo-ray frontier [--config ...] [frontier.betas=[0.05,0.1,0.5]] [frontier.losses=[sigmoid,ipo]]
+    dpo-ray plan [--config ...] [--gpu-memory GIB] [--workers N]   memory per training worker, per strategy
     dpo-ray sample    --out DIR                               [--config ...] [overrides]
     dpo-ray label     --completions DIR --out DIR  |  --out DIR with data.preferences=FILE
     dpo-ray reference --pairs DIR --out DIR        [--replay EARLIER_PAIRS_DIR ...]
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from dpo_ray import artifacts
 from dpo_ray.cluster import check_run_root, init_ray
-from dpo_ray.config import PipelineConfig, load_config
+from dpo_ray.config import LoraSettings, PipelineConfig, load_config
 from dpo_ray.errors import find_user_error, one_line, tracking_store_error
 from dpo_ray.pipeline import run_frontier, run_pipeline
 from dpo_ray.runner import MANY, StageRunner
@@ -71,6 +72,38 @@ def stage_main(stage: str, argv: list[str] | None = None) -> None:
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def plan_main(argv: list[str]) -> None:
+    """Print the memory plan (memory_plan.py) of the config's training for every strategy, loading no weights."""
+    import torch
+
+    from dpo_ray import memory_plan
+    from dpo_ray.models import resolve_model
+
+    parser = _parser(None)
+    parser.prog = "dpo-ray plan"
+    parser.add_argument("--gpu-memory", type=float, metavar="GIB",
+                        help="memory of one GPU, to say which settings fit (default: this machine's first GPU)")
+    parser.add_argument("--workers", type=int, help="training workers (default: train.num_workers)")
+    args = parser.parse_intermixed_args(argv)
+    cfg = _load(args)
+    workers = args.workers or cfg.train.num_workers
+    device_memory = args.gpu_memory * memory_plan.GIB if args.gpu_memory else None
+    if device_memory is None and torch.cuda.is_available():
+        device_memory = torch.cuda.get_device_properties(0).total_memory
+    shape = memory_plan.model_shape(resolve_model(cfg.model.policy), cfg.train.lora or LoraSettings(),
+                                    cfg.model.trust_remote_code)
+    t, d = cfg.train, cfg.data
+    print(f"{cfg.model.policy}: {shape.params / 1e6:.1f}M parameters ({shape.lora_params / 1e6:.2f}M under LoRA "
+          f"r={(t.lora or LoraSettings()).r}), {cfg.model.dtype}, {workers} worker(s), micro-batch of "
+          f"{t.micro_batch_size} pairs at up to {d.max_prompt_tokens}+{d.max_completion_tokens} tokens; GiB per worker")
+    print(memory_plan.render(memory_plan.plan(cfg, shape, workers), memory_plan.configured_setting(cfg),
+                             device_memory))
+    if device_memory is None:
+        print("Give --gpu-memory GIB to see which settings fit.")
+    print("Not counted: the CUDA context and kernel workspaces (about 0.5-1 GiB per GPU), allocator "
+          "fragmentation; formulas and how they were checked: dpo_ray/memory_plan.py.")
 
 
 def script_main(command: str, default_config: Path = DEFAULT_CONFIG) -> None:
@@ -130,10 +163,12 @@ def _sigterm_unwinds():
 def _dispatch(command: str, rest: list[str]) -> None:
     if command in ("run", "frontier"):
         (run_pipeline if command == "run" else run_frontier)(_load(_parser(None).parse_intermixed_args(rest)))
+    elif command == "plan":
+        plan_main(rest)
     elif command in STAGES:
         stage_main(command, rest)
     else:
-        sys.exit(f"dpo-ray: unknown command {command!r}; expected run, frontier or one of {', '.join(STAGES)}")
+        sys.exit(f"dpo-ray: unknown command {command!r}; expected run, frontier, plan or one of {', '.join(STAGES)}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ SMALL = "--config configs/tiny.yaml data.num_train_prompts=8"
 # Blocks whose commands other tests run verbatim: the README's two commands (`make test` is what CI runs;
 # `make run` feeds tests/test_pipeline_e2e.py through ARGS) and cluster/README's secrets (the cluster rehearsal).
 RUN_ELSEWHERE = {"make run": "tests/test_pipeline_e2e.py::tiny_run",
-                 "ray get-auth-token": "tests/test_cluster_job.py::rehearsal"}
+                 "ray get-auth-token": "tests/test_cluster_job.py::rehearsal",
+                 ".venv/bin/dpo-ray plan": "tests/test_memory_plan.py::test_readme_plan_command"}
 
 
 def _block(first_line_start: str) -> str:
