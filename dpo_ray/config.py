@@ -7,6 +7,7 @@ Dotted overrides (`train.beta=0.2`) are parsed as YAML scalars and applied befor
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import re
 import string
@@ -221,6 +222,13 @@ class LoraSettings(_Section):
     # Also write the base with the adapter merged in as <train>/policy (what sampling, evaluation and the next
     # round load); false: <train>/policy is the adapter folder, loaded onto its base wherever a model is loaded.
     merge: bool = True
+    # QLoRA: "nf4" trains the adapter on the base loaded 4-bit (bitsandbytes NF4, computing in model.dtype), and the
+    # reference stage scores that same quantized base; None: the base in model.dtype.
+    quantize: Literal["nf4"] | None = None
+
+
+def _bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 class TrainConfig(_Section):
@@ -275,6 +283,22 @@ class TrainConfig(_Section):
     def _offload_needs_deepspeed(self) -> "TrainConfig":
         if self.offload_optimizer and self.strategy != "deepspeed":
             raise ValueError("train.offload_optimizer: needs train.strategy=deepspeed (ZeRO-Offload)")
+        return self
+
+    @model_validator(mode="after")
+    def _quantize_options(self) -> "TrainConfig":
+        if not (self.lora and self.lora.quantize):
+            return self
+        if self.strategy == "deepspeed":
+            # ZeRO-3 cannot partition bitsandbytes' 4-bit weights. ZeRO-2 trained (2 CPU workers) but its checkpoint
+            # did not resume: DeepSpeed's strict module load rejects the 4-bit weights' quant-state keys.
+            why = ("cannot partition bitsandbytes' 4-bit weights" if self.zero_stage == 3 else
+                   "checkpoints do not resume with bitsandbytes' 4-bit weights")
+            raise ValueError(f"train.lora.quantize: {self.lora.quantize} needs train.strategy=ddp "
+                             f"(DeepSpeed ZeRO-{self.zero_stage} {why})")
+        if not _bitsandbytes_installed():
+            raise ValueError("train.lora.quantize: needs bitsandbytes, which is not installed: "
+                             "pip install 'dpo-ray[qlora]'")
         return self
 
     @model_validator(mode="after")
@@ -417,6 +441,13 @@ class PipelineConfig(_Section):
     @property
     def reference_model(self) -> str:
         return self.model.reference or self.model.policy
+
+    @property
+    def reference_quantize(self) -> str | None:
+        """How the reference stage loads the reference: under QLoRA (train.lora.quantize) quantized as the train
+        stage loads its base, so the policy at step 0 and the reference are one model (TRL's QLoRA reference is
+        the quantized base with the adapter disabled)."""
+        return self.train.lora.quantize if self.train.lora else None
 
     @property
     def baseline_model(self) -> str:

@@ -41,17 +41,27 @@ def digest(path: str | Path | list, what: str) -> str:
 ADDED_LATER = {"label": ("judge_model", "judge_rubric", "judge_tie_margin"),
                "train": ("kl_budget", "kl_probe_prompts", "simpo_gamma", "length_normalize",
                          "gradient_checkpointing", "offload_optimizer",
-                         "lora"),
+                         "lora", "lora.quantize"),
                "evaluate": ("audit_labelers", "quality_tolerance"),
                "data": ("split", "columns")}
 
 
 def settings(cfg: PipelineConfig, section: str) -> dict:
-    """A config section as a stage key holds it (ADDED_LATER keys at their default left out)."""
+    """A config section as a stage key holds it (ADDED_LATER keys at their default left out; a dotted one,
+    "lora.quantize", is a key of a subsection, left out of that subsection's settings)."""
     model = getattr(cfg, section)
+    out = _without_defaults(model, ADDED_LATER.get(section, ()))
+    for name in ADDED_LATER.get(section, ()):
+        parent, _, child = name.partition(".")
+        if child and isinstance(out.get(parent), dict):
+            out[parent] = _without_defaults(getattr(model, parent), (child,))
+    return out
+
+
+def _without_defaults(model, later) -> dict:
     fields = type(model).model_fields
     return {name: value for name, value in model.model_dump().items()
-            if name not in ADDED_LATER.get(section, ()) or value != fields[name].get_default(call_default_factory=True)}
+            if name not in later or value != fields[name].get_default(call_default_factory=True)}
 
 
 def reading(cfg: PipelineConfig) -> dict:

@@ -3,7 +3,8 @@
 The estimate is arithmetic on the model's shape (read from its config, built on PyTorch's meta device, so no
 weight is loaded) and on the train config. Per worker, in bytes:
 
-    weights      params x p          (ZeRO-3: / workers, plus the layers gathered for the current module)
+    weights      params x p          (ZeRO-3: / workers, plus the layers gathered for the current module;
+                                      QLoRA: the decoder layers' in NF4, 0.5625 bytes, the rest in fp32)
     gradients    trainable x p       (DDP across workers: x2 for its all-reduce buckets; ZeRO: / workers, plus
                                       DeepSpeed's reduce bucket of reduce_bucket_size elements)
     optimizer    trainable x s       (DDP: AdamW's two states in the weights' dtype, s = 2p; ZeRO: an fp32
@@ -47,6 +48,7 @@ GIB = 2**30
 # DeepSpeed's defaults for what we leave unset (deepspeed/runtime/zero/config.py).
 _REDUCE_BUCKET_ELEMENTS = 500_000_000
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_NF4_BYTES = 0.5 + 4 / 64
 
 
 @dataclass(frozen=True)
@@ -103,11 +105,13 @@ class Setting:
     lora: bool = False
     checkpointing: bool = False
     offload: bool = False
+    # QLoRA (train.lora.quantize=nf4): LoRA on a 4-bit base; DDP only.
+    quantized: bool = False
 
     @property
     def name(self) -> str:
-        extras = [n for n, on in (("LoRA", self.lora), ("checkpointing", self.checkpointing),
-                                  ("offload", self.offload)) if on]
+        extras = [n for n, on in (("QLoRA" if self.quantized else "LoRA", self.lora),
+                                  ("checkpointing", self.checkpointing), ("offload", self.offload)) if on]
         return " + ".join([{"ddp": "DDP", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}[self.strategy], *extras])
 
 
@@ -170,9 +174,16 @@ def estimate(shape: ModelShape, setting: Setting, dtype: str, workers: int, pair
     kept, recomputed, transient = activation_bytes(shape, pairs, prompt_tokens, completion_tokens, p, lora,
                                                    setting.checkpointing)
     activations = kept + recomputed
+    if setting.quantized:
+        # The decoder layers' weights in NF4 (half a byte, plus an fp32 scale per 64-weight block); peft's k-bit
+        # preparation keeps every other weight, and so the adapter, its gradients and AdamW states, in fp32.
+        quantized = shape.layers * shape.layer_params
+        weights = int(quantized * _NF4_BYTES) + (shape.params - quantized + trainable) * 4
+        return Estimate(weights=weights, gradients=trainable * 4 * (2 if workers > 1 else 1),
+                        optimizer=trainable * 4 * optimizer_states, activations=activations, transient=transient)
     if setting.strategy == "ddp":
-        grads = trainable * p * (2 if workers > 1 else 1)
-        return Estimate(weights=(shape.params + (trainable if lora else 0)) * p, gradients=grads, optimizer=trainable * p * optimizer_states,
+        return Estimate(weights=(shape.params + (trainable if lora else 0)) * p,
+                        gradients=trainable * p * (2 if workers > 1 else 1), optimizer=trainable * p * optimizer_states,
                         activations=activations, transient=transient)
     # ZeRO: fp32 master weights plus fp32 states, partitioned across the workers.
     optimizer = trainable * (4 + 4 * optimizer_states) // workers
@@ -189,16 +200,16 @@ def settings_grid() -> list[Setting]:
     grid = []
     for strategy in ("ddp", "zero2", "zero3"):
         for offload in ((False,) if strategy == "ddp" else (False, True)):
-            for lora in (False, True):
+            for lora, quantized in ((False, False), (True, False)) + (((True, True),) if strategy == "ddp" else ()):
                 for checkpointing in (False, True):
-                    grid.append(Setting(strategy, lora, checkpointing, offload))
+                    grid.append(Setting(strategy, lora, checkpointing, offload, quantized))
     return grid
 
 
 def configured_setting(cfg: PipelineConfig) -> Setting:
     t = cfg.train
     return Setting("ddp" if t.strategy == "ddp" else f"zero{t.zero_stage}", t.lora is not None,
-                   t.gradient_checkpointing, t.offload_optimizer)
+                   t.gradient_checkpointing, t.offload_optimizer, bool(t.lora and t.lora.quantize))
 
 
 def plan(cfg: PipelineConfig, shape: ModelShape, workers: int) -> list[tuple[Setting, Estimate]]:

@@ -173,20 +173,48 @@ def device_for(gpu_ids: list) -> torch.device:
 
 
 def load_causal_lm(spec: str, dtype: str = "float32", device: str | torch.device = "cpu",
-                   trust_remote_code: bool = False):
+                   trust_remote_code: bool = False, quantize: str | None = None):
+    """The model at `spec`; an adapter folder onto its base. quantize="nf4" (train.lora.quantize): the base in
+    bitsandbytes 4-bit NF4, computing in `dtype`, prepared for k-bit training (peft: every weight frozen, the others
+    than the 4-bit ones in float32), as QLoRA trains it and its reference scores it."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(spec)
     if base := adapter_base(path):
         from peft import PeftModel
 
+        if quantize:
+            # Kept unmerged: merging into a 4-bit base would re-quantize its weights, changing the model.
+            return PeftModel.from_pretrained(load_causal_lm(base, dtype, device, trust_remote_code, quantize), path)
         # Merged on load: every stage then runs a plain model, at full speed.
         model = PeftModel.from_pretrained(load_causal_lm(base, dtype, "cpu", trust_remote_code), path)
         return model.merge_and_unload().to(device)
+    if quantize:
+        return _load_quantized(path, dtype, device, trust_remote_code, quantize)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
     )
     return model.to(device)
+
+
+def require_bitsandbytes() -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("train.lora.quantize: needs bitsandbytes, which is not installed: "
+                         "pip install 'dpo-ray[qlora]'")
+
+
+def _load_quantized(path: str, dtype: str, device: str | torch.device, trust_remote_code: bool, quantize: str):
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    require_bitsandbytes()
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=_DTYPES[dtype])
+    # A 4-bit model cannot be moved with .to(): it is placed on its device as it loads.
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=_DTYPES[dtype], quantization_config=config, device_map={"": torch.device(device)},
+        trust_remote_code=trust_remote_code, use_safetensors=True)
+    # Gradient checkpointing is the train stage's own choice (train.gradient_checkpointing).
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def with_lora(model, lora, base: str):
@@ -239,14 +267,16 @@ class ModelSpec:
     trust_remote_code: bool = False
     # Threads for torch in the actor's process (0: every core it may run on; see set_torch_threads).
     torch_threads: int = 0
+    # "nf4": load the model 4-bit quantized (load_causal_lm), as a QLoRA run's base and its reference.
+    quantize: str | None = None
 
     @classmethod
-    def of(cls, cfg, path: str) -> "ModelSpec":
+    def of(cls, cfg, path: str, quantize: str | None = None) -> "ModelSpec":
         """`path` with the dtype, trust and thread settings of `cfg` (a PipelineConfig)."""
-        return cls(path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.run.torch_threads)
+        return cls(path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.run.torch_threads, quantize)
 
     def load_causal_lm(self, device: str | torch.device = "cpu"):
-        return load_causal_lm(self.path, self.dtype, device, self.trust_remote_code)
+        return load_causal_lm(self.path, self.dtype, device, self.trust_remote_code, self.quantize)
 
     def load_tokenizer(self):
         return load_tokenizer(self.path, self.trust_remote_code)

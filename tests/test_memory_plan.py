@@ -109,6 +109,9 @@ def test_strategies_by_hand():
     assert est("zero3").weights == 500 + 2 * 400 * 2
     lora = est("zero2", lora=True)
     assert (lora.weights, lora.optimizer) == ((1000 + 50) * 2, 50 * 12 // 4)
+    qlora = est("ddp", lora=True, quantized=True)
+    # The two layers' 800 weights in NF4, the other 200 and the adapter's 50 in fp32 (peft's k-bit preparation).
+    assert (qlora.weights, qlora.gradients, qlora.optimizer) == (int(800 * 0.5625) + 250 * 4, 50 * 4 * 2, 50 * 8)
     # fp32 AdamW under DDP: 4 + 4 + 8 bytes per weight, plus activations.
     one = estimate(SHAPE, Setting("ddp"), "float32", 1, 1, 4, 4)
     assert one.total == 16 * 1000 + one.activations + one.transient
@@ -124,7 +127,7 @@ def test_readme_plan_command():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split(" | ")[0].strip("| ").removesuffix(" (configured)"): line.split(" | ")
             for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| setting")}
-    assert len(rows) == 20
+    assert len(rows) == 22
     assert "8030.3M parameters" in done.stdout
     # Full fine-tuning of 8B under plain DDP does not fit an 80 GiB GPU; ZeRO-3 over eight does.
     assert rows["DDP"][-1].strip(" |") == "no" and rows["ZeRO-3"][-1].strip(" |") == "yes"

@@ -5,8 +5,8 @@ pairs with it, the label and evaluate stages score completions under any model.
 
 A fixed reference is never asked twice about the same sequence: every (prompt_ids, completion_ids) the reference
 stage scores is kept in a `ReferenceCache` under the run root, keyed by its token ids and the reference model's
-fingerprint and dtype, so a later round, a relabeled rerun or another run sharing the reference only scores pairs
-it has not seen.
+fingerprint, dtype and quantization (QLoRA's 4-bit reference, train.lora.quantize), so a later round, a relabeled
+rerun or another run sharing the reference only scores pairs it has not seen.
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ class ReferenceCache:
     @classmethod
     def of(cls, cfg: PipelineConfig) -> "ReferenceCache":
         name = f"{model_fingerprint(cfg.reference_model)}-{cfg.model.dtype}"
+        if cfg.reference_quantize:
+            # The 4-bit reference is another model: its log-probs never mix with the full-precision one's.
+            name += f"-{cfg.reference_quantize}"
         return cls(Path(cfg.run.root).resolve() / "reference_cache" / name)
 
     def load(self) -> dict[bytes, float]:
@@ -88,8 +91,9 @@ class ScorerSpec:
 
     @classmethod
     def of(cls, cfg: PipelineConfig, model: str, columns: dict[str, str],
-           cache: ReferenceCache | None = None) -> "ScorerSpec":
-        return cls(ModelSpec.of(cfg, model), columns, cfg.reference.batch_size, str(cache.folder) if cache else None)
+           cache: ReferenceCache | None = None, quantize: str | None = None) -> "ScorerSpec":
+        return cls(ModelSpec.of(cfg, model, quantize), columns, cfg.reference.batch_size,
+                   str(cache.folder) if cache else None)
 
 
 class LogProbScorer:
@@ -144,11 +148,11 @@ class LogProbScorer:
 
 
 def score_logps(ds: ray.data.Dataset, cfg: PipelineConfig, model: str, columns: dict[str, str],
-                cache: ReferenceCache | None = None) -> ray.data.Dataset:
+                cache: ReferenceCache | None = None, quantize: str | None = None) -> ray.data.Dataset:
     r = cfg.reference
     return ds.map_batches(
         LogProbScorer,
-        fn_constructor_kwargs={"spec": ScorerSpec.of(cfg, model, columns, cache)},
+        fn_constructor_kwargs={"spec": ScorerSpec.of(cfg, model, columns, cache, quantize)},
         batch_size=max(r.batch_size * 4, 16),
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=r.num_actors),

@@ -35,6 +35,8 @@ _SIDES = {"chosen_ids": "ref_chosen_logps", "rejected_ids": "ref_rejected_logps"
 def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
     key = {"pairs": digests["pairs"], "reference": model_fingerprint(cfg.reference_model), "dtype": cfg.model.dtype,
            "limits": keys.limits(cfg)}
+    if cfg.reference_quantize:  # left out when unset: reference keys made before it existed stay as they were
+        key["quantize"] = cfg.reference_quantize
     if "replay" in digests and cfg.reference.replay_share > 0:
         key["replay"] = {"pairs": digests["replay"], "share": cfg.reference.replay_share, "seed": cfg.run.seed}
     return key
@@ -64,7 +66,7 @@ def run(ctx: StageContext) -> dict:
     replayed, stats = _replayed(cfg, ctx.sources.get("replay", []), pairs.count())
     if replayed is not None:
         pairs = pairs.union(ray.data.from_arrow(replayed))
-    scored = score_logps(pairs, cfg, cfg.reference_model, _SIDES, cache)
+    scored = score_logps(pairs, cfg, cfg.reference_model, _SIDES, cache, cfg.reference_quantize)
     scored.write_parquet(str(ctx.out))
     # Streamed back one row group at a time: the statistics, and the sequences the cache does not have yet.
     stats.update({"pairs": 0, "nonfinite_pairs": 0, "pairs_from_cache": 0})

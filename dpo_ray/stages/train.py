@@ -35,7 +35,8 @@ from dpo_ray.engines import ADAPTER_DIR, POLICY_DIR, DDPEngine, DeepSpeedEngine,
 from dpo_ray.errors import ConfigError, TrainingError
 from dpo_ray.logprobs import SequenceScorer, shared_prompt_batch
 from dpo_ray.losses import REFERENCE_FREE, DPOOutput, dpo_objective, reward_metrics
-from dpo_ray.models import ModelSpec, load_causal_lm, model_fingerprint, set_torch_threads, with_lora
+from dpo_ray.models import (ModelSpec, adapter_base, load_causal_lm, model_fingerprint, resolve_model,
+                            set_torch_threads, with_lora)
 from dpo_ray.ops.kl_budget import within_budget
 from dpo_ray.ops.prompts import held_out_prompts
 from dpo_ray.runner import StageContext
@@ -331,6 +332,11 @@ def run(ctx: StageContext) -> dict:
     """Train on the reference Parquet; the final policy lands in <out>/policy as a safetensors folder."""
     cfg, t = ctx.cfg, ctx.cfg.train
     _check_pairs(ctx.sources["reference"], t.loss)
+    start = t.init_from or cfg.model.policy
+    if t.lora and t.lora.quantize and adapter_base(resolve_model(start)):
+        # A 4-bit base keeps a loaded adapter unmerged (models.load_causal_lm); a new adapter cannot go on top.
+        raise ConfigError(f"train.lora.quantize: {start} is a LoRA adapter folder; QLoRA trains on a full model "
+                          "(publish the previous round's policy merged, train.lora.merge=true)")
     ordered = _seeded_order(str(ctx.sources["reference"]), cfg.run.seed)
     pairs = ordered.count()
     if pairs < t.batch_size:
@@ -428,7 +434,8 @@ def _trainer(cfg: PipelineConfig, dataset: ray.data.Dataset, steps_per_epoch: in
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
-    spec = WorkerSpec(t, ModelSpec.of(cfg, t.init_from or cfg.model.policy), cfg.run.seed, steps_per_epoch,
+    quantize = t.lora.quantize if t.lora else None
+    spec = WorkerSpec(t, ModelSpec.of(cfg, t.init_from or cfg.model.policy, quantize), cfg.run.seed, steps_per_epoch,
                       steps_per_epoch * t.epochs, mlflow_run_id, mlflow.get_tracking_uri())
     return TorchTrainer(
         train_loop_per_worker,
