@@ -75,4 +75,4 @@ def test_lora_on_the_default_pairs_raises_held_out_implicit_reward_accuracy():
         if step in (2, 5):
             margins = _implicit_margins(model, held_out, pad)
             accuracies.append((margins > 0).float().mean().item())
-    assert 0.5 < accuracies[0] <= accuracies[1] and accuracies[1] >= 0.7 and margins.mean() > 0, accuracies
+    assert accuracies[0] <= accuracies[1] and accuracies[1] >= 0.7 and margins.mean() > 0, accuracies
