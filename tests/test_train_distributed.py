@@ -107,6 +107,13 @@ def test_same_pairs_in_another_file_layout_train_the_same_policy_bit_for_bit(ref
     assert digests[0] == digests[1]
 
 
+def test_the_repeated_pairs_follow_the_whole_epoch_whatever_its_blocks(reference_dir):
+    from dpo_ray.stages.train import with_repeats
+
+    ordered = ray.data.range(10, override_num_blocks=4).materialize()
+    assert [r["id"] for r in with_repeats(ordered, 3).iter_rows()] == [*range(10), 0, 1, 2]
+
+
 @pytest.mark.parametrize("lora", [[], ["train.lora={r: 4}"]], ids=["full", "lora"])
 def test_killed_training_resumes_from_its_last_checkpoint(reference_dir, tmp_path, lora):
     args = [sys.executable, "-m", "dpo_ray.cli", "train", "--config", "configs/tiny.yaml",

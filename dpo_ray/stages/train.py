@@ -347,7 +347,7 @@ def run(ctx: StageContext) -> dict:
         # PyTorch's DistributedSampler pads), rather than the remainder being dropped unseen.
         log.info(f"train: {pairs} pairs at train.batch_size={t.batch_size}: the last batch of each epoch "
                  f"repeats {repeated} pair(s) to train the {pairs % t.batch_size} left over")
-        ordered = ordered.union(ordered.limit(repeated)).materialize()
+        ordered = with_repeats(ordered, repeated)
     dataset = _worker_blocks(ordered, pairs + repeated, t.num_workers)
     result = _trainer(cfg, dataset, steps_per_epoch, ctx.key, ctx.run_id).fit()
     if result.checkpoint is None:
@@ -419,6 +419,12 @@ def _seeded_order(reference_path: str, seed: int) -> ray.data.Dataset:
     return (ray.data.read_parquet(reference_path)
             .map_batches(with_order_key, fn_kwargs={"seed": seed}, batch_format="pyarrow")
             .sort(_ORDER_KEY).drop_columns([_ORDER_KEY]).materialize())
+
+
+def with_repeats(ordered: ray.data.Dataset, repeated: int) -> ray.data.Dataset:
+    """`ordered` followed by its first `repeated` rows. Built from the block references in order: Ray Data's union
+    interleaves its inputs' blocks (a four-block sort output came out as pairs 0-6, the repeats, then 7-28)."""
+    return ray.data.from_arrow_refs([*ordered.to_arrow_refs(), *ordered.limit(repeated).to_arrow_refs()])
 
 
 def _worker_blocks(ordered: ray.data.Dataset, rows: int, num_workers: int) -> ray.data.Dataset:
