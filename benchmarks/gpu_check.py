@@ -412,11 +412,13 @@ def main(argv: list[str] | None = None) -> int:
         checks = {"scorer": check_scorer(args, reference_cpu, model), "sampler": check_sampler(args, model)}
         del model, reference_cpu
         checks["train_step"] = check_train_step(args, dtype)
-        if not args.no_deepspeed:
-            for stage in (2, 3):
-                checks[f"deepspeed_zero{stage}"] = check_deepspeed(args, stage,
-                                                                   checks["train_step"]["cpu_fp32_first_loss"])
+    # Timed before DeepSpeed: ZeRO-3 replaces torch.nn.functional.linear for the rest of the process ("This will
+    # persist unless manually reset", deepspeed.runtime.zero.partition_parameters), and the timed steps ran
+    # through its LinearFunctionForZeroStage3.
     checks["throughput"] = check_throughput(args, dtype)
+    if not args.only_throughput and not args.no_deepspeed:
+        for stage in (2, 3):
+            checks[f"deepspeed_zero{stage}"] = check_deepspeed(args, stage, checks["train_step"]["cpu_fp32_first_loss"])
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "dtype": args.dtype, "layers": args.layers, "small": args.small, "torch": torch.__version__,
