@@ -25,25 +25,6 @@ def _gpu_check(*args: str, env: dict | None = None) -> subprocess.CompletedProce
                           timeout=600, env={**os.environ, **(env or {})})
 
 
-def test_gpu_check_runs_without_ray_and_reports_each_core(tmp_path):
-    out = tmp_path / "gpu_check.json"
-    # TRL made unimportable too, whether or not this environment has it: its side is then skipped, with the reason.
-    proc = _gpu_check("--device", "cpu", "--layers", "2", "--small", "--no-deepspeed", "--out", str(out),
-                      env={"GPU_CHECK_BLOCK": "trl"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads(out.read_text())
-    assert report["ok"] and set(report["checks"]) == {"scorer", "sampler", "train_step", "throughput"}
-    for name, check in report["checks"].items():
-        assert check["ran_on"] == "cpu", name
-    train = report["checks"]["train_step"]
-    assert train["losses"][-1] < train["losses"][0]
-    assert 0 < train["grad_norm_relative_error"] <= train["tolerances"][1]  # bf16 differs from fp32, a little
-    throughput = report["checks"]["throughput"]
-    assert throughput["ours_over_plain_pytorch"] > 0 and 0 < throughput["ours"]["mfu"]
-    assert throughput["trl_precompute"]["skipped"] and "ours_over_trl_precompute" not in throughput
-    assert throughput["trl_precompute"]["reason"].startswith("trl cannot be imported: ")
-
-
 @pytest.fixture(scope="module")
 def trl_path(tmp_path_factory) -> str:
     """A folder to put on PYTHONPATH so that `import trl` works: empty where this environment has TRL; else TRL
@@ -92,16 +73,29 @@ def test_gpu_check_trl_side_trains_on_the_same_tokens_as_ours(tmp_path, trl_path
 
 
 @pytest.mark.slow
-def test_gpu_check_runs_the_deepspeed_engine_without_ray(tmp_path):
-    # The train stage's GPU engine, ZeRO-2 and ZeRO-3, on a one-rank process group (gloo here, NCCL on a GPU).
+def test_gpu_check_runs_without_ray_and_reports_each_core(tmp_path):
+    # Every check, the train stage's GPU engine included: ZeRO-2 and ZeRO-3 on a one-rank process group (gloo here,
+    # NCCL on a GPU). TRL is made unimportable too, whether or not this environment has it: its side is then
+    # skipped, with the reason (the TRL side runs in the test below).
     out = tmp_path / "gpu_check.json"
     # A JIT build of DeepSpeed's CPU ops killed half-way leaves a lock that would hang the next: a folder of its own.
     proc = _gpu_check("--device", "cpu", "--layers", "2", "--small", "--out", str(out),
-                      env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")})
+                      env={"GPU_CHECK_BLOCK": "trl", "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    checks = json.loads(out.read_text())["checks"]
+    report = json.loads(out.read_text())
+    assert report["ok"] and set(report["checks"]) == {"scorer", "sampler", "train_step", "throughput",
+                                                      "deepspeed_zero2", "deepspeed_zero3"}
+    for name, check in report["checks"].items():
+        assert check["ran_on"] == "cpu", name
+    train = report["checks"]["train_step"]
+    assert train["losses"][-1] < train["losses"][0]
+    assert 0 < train["grad_norm_relative_error"] <= train["tolerances"][1]  # bf16 differs from fp32, a little
+    throughput = report["checks"]["throughput"]
+    assert throughput["ours_over_plain_pytorch"] > 0 and 0 < throughput["ours"]["mfu"]
+    assert throughput["trl_precompute"]["skipped"] and "ours_over_trl_precompute" not in throughput
+    assert throughput["trl_precompute"]["reason"].startswith("trl cannot be imported: ")
     for stage in (2, 3):
-        ds = checks[f"deepspeed_zero{stage}"]
+        ds = report["checks"][f"deepspeed_zero{stage}"]
         assert ds["ok"] and ds["backend"] == "gloo" and ds["param_dtype"] == "torch.bfloat16", ds
         assert ds["losses"][-1] < ds["losses"][0] and ds["saved_policy_reload_max_relative_error"] <= 1e-3
 
