@@ -78,9 +78,8 @@ def test_gpu_check_runs_without_ray_and_reports_each_core(tmp_path):
     # NCCL on a GPU). TRL is made unimportable too, whether or not this environment has it: its side is then
     # skipped, with the reason (the TRL side runs in the test below).
     out = tmp_path / "gpu_check.json"
-    # A JIT build of DeepSpeed's CPU ops killed half-way leaves a lock that would hang the next: a folder of its own.
-    proc = _gpu_check("--device", "cpu", "--layers", "2", "--small", "--out", str(out),
-                      env={"GPU_CHECK_BLOCK": "trl", "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")})
+    # DeepSpeed's CPU ops are JIT-built into the suite's shared TORCH_EXTENSIONS_DIR (conftest), once for every test.
+    proc = _gpu_check("--device", "cpu", "--layers", "2", "--small", "--out", str(out), env={"GPU_CHECK_BLOCK": "trl"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["ok"] and set(report["checks"]) == {"scorer", "sampler", "train_step", "throughput",
