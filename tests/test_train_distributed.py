@@ -126,8 +126,14 @@ def test_same_pairs_in_another_file_layout_train_the_same_policy_bit_for_bit(ref
 def test_the_repeated_pairs_follow_the_whole_epoch_whatever_its_blocks(reference_dir):
     from dpo_ray.stages.train import with_repeats
 
-    ordered = ray.data.range(10, override_num_blocks=4).materialize()
-    assert [r["id"] for r in with_repeats(ordered, 3).iter_rows()] == [*range(10), 0, 1, 2]
+    # Order preserved, as init_ray sets it for every stage (union interleaved its inputs' blocks only then).
+    context = ray.data.DataContext.get_current()
+    preserve_order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
+    try:
+        ordered = ray.data.range(10, override_num_blocks=4).materialize()
+        assert [r["id"] for r in with_repeats(ordered, 3).iter_rows()] == [*range(10), 0, 1, 2]
+    finally:
+        context.execution_options.preserve_order = preserve_order
 
 
 def test_killed_lora_training_resumes_from_its_last_checkpoint(reference_dir, tmp_path):
