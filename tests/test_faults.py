@@ -168,8 +168,6 @@ def test_an_unwritable_mlflow_store_is_one_line_and_the_rerun_ends_the_run_it_le
         shutil.rmtree(temp, ignore_errors=True)
 
 
-
-
 def _kill_first(proc: subprocess.Popen, name: str, delay: float, timeout: float = 300) -> str:
     """SIGKILL the first descendant of `proc` whose command line mentions `name`, `delay` seconds after it is
     seen; returns what was killed (its pid and CPU seconds: start-up or mid-work) for the test's report."""
