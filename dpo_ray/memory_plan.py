@@ -71,6 +71,9 @@ class ModelShape:
 
 def model_shape(model_dir: str, lora: LoraSettings | None = None, trust_remote_code: bool = False) -> ModelShape:
     """The shape of the causal LM in `model_dir` (a resolved local folder or hub id), built without weights."""
+    from dpo_ray.models import skip_unused_imports
+
+    skip_unused_imports()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)

@@ -172,11 +172,22 @@ def device_for(gpu_ids: list) -> torch.device:
     return torch.device("cuda", 0)
 
 
+def skip_unused_imports() -> None:
+    """Call before transformers' model classes are first imported. They import scikit-learn and SciPy whenever
+    these are installed (full mlflow installs both): for assisted decoding's confidence threshold and for object
+    detection's matching loss, which no stage uses. That was 1.3-1.7 s of every model actor's start on two cores
+    (benchmarks/README.md). Told they are absent, transformers leaves them out; `import sklearn` still works."""
+    import transformers.utils
+
+    transformers.utils.is_sklearn_available = transformers.utils.is_scipy_available = lambda: False
+
+
 def load_causal_lm(spec: str, dtype: str = "float32", device: str | torch.device = "cpu",
                    trust_remote_code: bool = False, quantize: str | None = None):
     """The model at `spec`; an adapter folder onto its base. quantize="nf4" (train.lora.quantize): the base in
     bitsandbytes 4-bit NF4, computing in `dtype`, prepared for k-bit training (peft: every weight frozen, the others
     than the 4-bit ones in float32), as QLoRA trains it and its reference scores it."""
+    skip_unused_imports()
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(spec)

@@ -23,7 +23,7 @@ import torch
 
 from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ModelError
-from dpo_ray.models import ModelSpec, device_for, resolve_model, set_torch_threads
+from dpo_ray.models import ModelSpec, device_for, resolve_model, set_torch_threads, skip_unused_imports
 from dpo_ray.ops.judge import check_judge, judge_rewards
 from dpo_ray.ops.scorers import completion_logps_column
 from dpo_ray.text import conversation_text, prompt_messages
@@ -59,6 +59,7 @@ class RewardModelScorer:
     """Ray Data callable: the reward model's score of each completion in its conversation (reward_model_text)."""
 
     def __init__(self, model: ModelSpec, batch_size: int, column: str = "reward"):
+        skip_unused_imports()
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         set_torch_threads(model.torch_threads)
