@@ -61,14 +61,13 @@ def _check_filter(run_dir: Path) -> None:
     """Round 1 has no filter column values; in round 2 every kept pair is one the sentiment filter does not
     contradict, and the stage counted what it dropped."""
     from dpo_ray import schemas
-    from dpo_ray.ops.rewards import SentimentScorer
+    from dpo_ray.ops.rewards import vader
 
     assert schemas.read_table(run_dir / "round_1" / "label" / "scored", schemas.SCORED)["filter_reward"].null_count > 0
     scored = schemas.read_table(run_dir / "round_2" / "label" / "scored", schemas.SCORED).to_pylist()
     assert all(r["filter_reward"] is not None for r in scored)
-    vader = SentimentScorer().analyzer
     for r in scored[:8]:
-        assert r["filter_reward"] == vader.polarity_scores(r["completion"])["compound"]
+        assert r["filter_reward"] == vader().polarity_scores(r["completion"])["compound"]
     filter_of = {(r["prompt_id"], r["completion"]): r["filter_reward"] for r in scored}
     pairs = schemas.read_table(run_dir / "round_2" / "label" / "pairs", schemas.PAIRS).to_pylist()
     assert pairs
