@@ -203,7 +203,8 @@ class ReferenceConfig(_ActorPool):
     # the label and evaluate stages score samples with this pool's settings.
     batch_size: int = Field(8, ge=1)
     # Keep every scored sequence's log-prob under <run.root>/reference_cache/ and never score it twice with the
-    # same reference model (later rounds, relabeled reruns, other runs under the same root).
+    # same reference model (later rounds, relabeled reruns, other runs under the same root); and evaluate's baseline
+    # side under <run.root>/eval_reference_cache/ (stages/evaluate.py).
     cache: bool = True
     # Replay (iterative rounds): the share of the pairs this stage writes that are drawn from earlier rounds' pairs
     # (the `replay` source: every earlier round's label/pairs); 0.25 adds one earlier pair per three new ones.

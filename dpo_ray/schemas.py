@@ -61,6 +61,9 @@ REFERENCE = _schema(PAIRS, **{name: pa.float64() for name in REFERENCE_COLUMNS})
 # reference cache: one row per scored sequence, keyed by its token ids (reference.sequence_key).
 REFERENCE_CACHE = _schema(sequence_key=pa.binary(16), logp=pa.float64())
 
+# evaluate's reference-side cache: the baseline's held-out samples with their log-probs under it.
+EVAL_REFERENCE = _schema(COMPLETIONS, model=pa.string(), reference_logp=pa.float64())
+
 # evaluate: one row per held-out sample of either model.
 EVAL_SAMPLES = _schema(
     prompt_id=pa.string(),

@@ -1,13 +1,16 @@
-"""compute_metrics on hand-made EVAL_SAMPLES rows."""
+"""compute_metrics on hand-made EVAL_SAMPLES rows, and the key of the cached reference side."""
 
 from __future__ import annotations
 
 import math
 import statistics
 
+import pyarrow.parquet as pq
 import pytest
 
-from dpo_ray.stages.evaluate import compute_metrics
+from dpo_ray import schemas
+from dpo_ray.config import load_config
+from dpo_ray.stages.evaluate import compute_metrics, reference_side_folder
 
 
 def row(prompt_id, model, index, reward, policy_logp, reference_logp, tokens=5, completion=None, finish="length"):
@@ -134,3 +137,31 @@ def test_audit_rewards_get_their_own_means_and_win_rate():
     # Policy vs reference, by sample index: p1 win, tie; p2 loss, win; p3 win -> 3.5/5. Flipped: 1.5/5.
     assert m["win_rate"] == pytest.approx(0.7) and m["audit_judge_win_rate"] == pytest.approx(0.3)
     assert not any(k.startswith("audit_") for k in compute_metrics(ROWS, beta=0.1))
+
+
+def _prompts_file(folder, eval_prompts=("a", "b")):
+    path = folder / "prompts.parquet"
+    rows = [{"prompt_id": p, "prompt": f"prompt {p}", "messages_json": None, "split": "eval"} for p in eval_prompts]
+    rows.append({"prompt_id": "t", "prompt": "a training prompt", "messages_json": None, "split": "train"})
+    pq.write_table(schemas.rows_to_table(rows, schemas.PROMPTS), path)
+    return path
+
+
+def test_the_cached_reference_side_is_keyed_by_what_its_samples_depend_on(tmp_path):
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}"])
+    folder = reference_side_folder(cfg, _prompts_file(tmp_path))
+    assert folder.parent == tmp_path / "eval_reference_cache"
+    # Neither how the samples are batched and spread nor anything about the policy or the labelers changes them.
+    for same in ("sample.batch_size=3", "sample.num_actors=2", "reference.batch_size=2", "train.beta=0.5",
+                 "label.min_margin=0.1", "evaluate.labeler=sentiment", "evaluate.num_examples=1",
+                 "data.num_train_prompts=8"):
+        assert reference_side_folder(load_config("configs/tiny.yaml", [f"run.root={tmp_path}", same]),
+                                     _prompts_file(tmp_path)) == folder, same
+    for changed in ("run.seed=1", "evaluate.samples_per_prompt=3", "evaluate.temperature=0.7",
+                    "evaluate.max_new_tokens=5", "sample.max_new_tokens=7", "sample.top_p=0.9", "model.dtype=bfloat16", "data.max_prompt_tokens=64",
+                    "data.system_prompt=Be brief.", "evaluate.baseline=builtin:smollm2-135m-instruct"):
+        assert reference_side_folder(load_config("configs/tiny.yaml", [f"run.root={tmp_path}", changed]),
+                                     _prompts_file(tmp_path)) != folder, changed
+    other_prompts = tmp_path / "other"
+    other_prompts.mkdir()
+    assert reference_side_folder(cfg, _prompts_file(other_prompts, ("a", "c"))) != folder

@@ -140,10 +140,11 @@ class ImplicitReward(Labeler):
         """`sampled_by`: the model whose `sample_logp` every row carries, if one did; its log-probs are then taken
         from the sampler instead of scored again where they are exact."""
         cfg, lab = self.cfg, self.cfg.label
+        # Materialized after each model: the stage holds one model's actor pool at a time.
         ds = completion_logps_column(ds, cfg, lab.implicit_policy or cfg.model.policy, "_implicit_policy_logp",
-                                     sampled_by)
+                                     sampled_by).materialize()
         ds = completion_logps_column(ds, cfg, lab.implicit_reference or cfg.reference_model,
-                                     "_implicit_reference_logp", sampled_by)
+                                     "_implicit_reference_logp", sampled_by).materialize()
         beta = lab.implicit_beta
 
         def implicit_reward(batch: pa.Table) -> pa.Table:

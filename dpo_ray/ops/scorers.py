@@ -162,8 +162,9 @@ def score_logps(ds: ray.data.Dataset, cfg: PipelineConfig, model: str, columns: 
 
 def completion_logps_column(ds: ray.data.Dataset, cfg: PipelineConfig, model: str, column: str,
                             sampled_by: str | None = None) -> ray.data.Dataset:
-    """`ds` with `column` = model's summed log-prob of each row's completion_ids. When `model` sampled the rows
-    (`sampled_by`) and the sampler's log-prob is exact, it is taken from sample_logp, not recomputed."""
+    """`ds` with `column` = model's summed log-prob of each row's completion_ids, lazily (a scorer pool starts
+    when the dataset runs). When `model` sampled the rows (`sampled_by`) and the sampler's log-prob is exact, it is
+    taken from sample_logp, not recomputed."""
     if sampled_by == model and sample_logp_is_exact(cfg):
         return ds.map_batches(lambda b: b.append_column(column, b["sample_logp"]), batch_format="pyarrow")
-    return score_logps(ds, cfg, model, {"completion_ids": column}).materialize()
+    return score_logps(ds, cfg, model, {"completion_ids": column})

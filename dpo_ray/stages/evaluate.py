@@ -11,6 +11,10 @@ model with the transformers backend, the sampler's identical log-prob). Reported
 - each model's text quality (dpo_ray.quality, keys `policy_*` and `reference_*`): fluency under the baseline,
   distinct-1/2, repeated 3-grams, non-dictionary words, non-word tokens, EOS endings, staying on task; a reward can
   rise while these fall (self-labeling rounds do).
+The baseline's side (its samples and their log-probs under it) depends on neither the policy nor the labelers, so
+with reference.cache it is kept under <run.root>/eval_reference_cache/ (reference_side_folder) and a later evaluation
+against the same baseline, prompts, seed and sampling settings (the next round, a frontier variant, a rerun) samples
+and scores only the policy's side (`reference_samples_from_cache` in the metrics).
 Writes eval_samples.parquet, metrics.json, reward_vs_kl.png and examples.md. Without a `prompts` source (an offline
 run) the held-out prompts are split from data.prompts here, as the sample stage would.
 """
@@ -19,14 +23,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
 
-from dpo_ray import keys, schemas
+from dpo_ray import artifacts, keys, schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ConfigError
 from dpo_ray.models import model_fingerprint
@@ -134,27 +142,74 @@ def _examples_markdown(rows: list[dict], count: int) -> str:
     return "\n".join(lines)
 
 
-def _samples(cfg: PipelineConfig, prompts_path: Path, models: dict[str, str]):
-    """Both models' samples of the held-out prompts, each scored by both models and by the labeler."""
+def _with_model(ds: ray.data.Dataset, name: str) -> ray.data.Dataset:
+    return ds.map_batches(lambda b: b.append_column("model", pa.array([name] * b.num_rows)), batch_format="pyarrow")
+
+
+def _sampled(cfg: PipelineConfig, eval_prompts: ray.data.Dataset, name: str, model: str) -> ray.data.Dataset:
+    """`model`'s samples of the held-out prompts with its own log-prob as `<name>_logp`, materialized."""
     e, s = cfg.evaluate, cfg.sample
+    ds = sample_dataset(eval_prompts, cfg, model, e.samples_per_prompt, e.max_new_tokens or s.max_new_tokens,
+                        e.temperature, cfg.run.seed + 1)
+    # Materialized before any scorer: a sampler actor and a scorer actor streaming into each other hold a two-core
+    # node's CPUs while the prompts' read task waits for one, and the stage hangs.
+    ds = _with_model(ds, name).materialize()
+    return completion_logps_column(ds, cfg, model, f"{name}_logp", sampled_by=model).materialize()
+
+
+def reference_side_folder(cfg: PipelineConfig, prompts_path: Path) -> Path:
+    """Where the baseline's side of an evaluation is cached: named by all that determines its samples and their
+    log-probs (the baseline's weights and dtype, the held-out prompts and how they are cut, the seed and the
+    sampling settings), not by the batch and actor settings, which a completion does not depend on (ops/samplers)."""
+    e, s = cfg.evaluate, cfg.sample
+    prompts = pq.read_table(prompts_path, columns=["prompt_id", "prompt", "messages_json"],
+                            filters=[("split", "==", "eval")])
+    key = artifacts.input_key({
+        "baseline": model_fingerprint(cfg.baseline_model), "dtype": cfg.model.dtype, "prompts": prompts.to_pydict(),
+        "limits": keys.limits(cfg), "seed": cfg.run.seed, "backend": s.backend, "n": e.samples_per_prompt,
+        "max_new_tokens": e.max_new_tokens or s.max_new_tokens, "temperature": e.temperature, "top_p": s.top_p})
+    return Path(cfg.run.root).resolve() / "eval_reference_cache" / key
+
+
+def _reference_side(cfg: PipelineConfig, eval_prompts: ray.data.Dataset,
+                    prompts_path: Path) -> tuple[ray.data.Dataset, bool]:
+    """The baseline's samples with `reference_logp` (schemas.EVAL_REFERENCE), and whether they came from the cache.
+    With reference.cache, what is sampled is kept for the next evaluation against the same baseline (later rounds,
+    frontier variants, reruns), published by a rename so a reader never sees part of it."""
+    folder = reference_side_folder(cfg, prompts_path)
+    if cfg.reference.cache and folder.is_dir():
+        schemas.check_folder(folder, schemas.EVAL_REFERENCE)
+        return ray.data.read_parquet(str(folder)).materialize(), True
+    ds = _sampled(cfg, eval_prompts, "reference", cfg.baseline_model)
+    ds = ds.map_batches(lambda b: b.select(schemas.EVAL_REFERENCE.names).cast(schemas.EVAL_REFERENCE),
+                        batch_format="pyarrow").materialize()
+    if cfg.reference.cache:
+        partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+        ds.write_parquet(str(partial))
+        try:
+            os.replace(partial, folder)
+        except OSError:  # another evaluation published the same samples first
+            shutil.rmtree(partial, ignore_errors=True)
+    return ds, False
+
+
+def _samples(cfg: PipelineConfig, prompts_path: Path, policy: str) -> tuple[ray.data.Dataset, bool]:
+    """Both models' samples of the held-out prompts, each scored by both models and by the labeler, and whether the
+    baseline's side came from the cache."""
+    e = cfg.evaluate
     eval_prompts = read_split(prompts_path, "eval")
-    # Each model-holding step is materialized before the next starts, so a small node never has to fit
-    # every actor pool at once. Where the sampler's log-prob is exact, each model scores only the other's samples.
-    sampled = {}
-    for name, spec in models.items():
-        ds = sample_dataset(eval_prompts, cfg, spec, e.samples_per_prompt, e.max_new_tokens or s.max_new_tokens,
-                            e.temperature, cfg.run.seed + 1)
-        sampled[name] = ds.map_batches(lambda b, name=name: b.append_column("model", pa.array([name] * b.num_rows)),
-                                       batch_format="pyarrow").materialize()
-    scored = []
-    for name, other in (("policy", "reference"), ("reference", "policy")):
-        ds = completion_logps_column(sampled[name], cfg, models[name], f"{name}_logp", sampled_by=models[name])
-        scored.append(completion_logps_column(ds, cfg, models[other], f"{other}_logp", sampled_by=models[name]))
-    judged = add_rewards(scored[0].union(scored[1]), cfg, e.labeler or cfg.label.labeler)
+    reference, cached = _reference_side(cfg, eval_prompts, prompts_path)
+    policy_samples = _sampled(cfg, eval_prompts, "policy", policy)
+    # One dataset: the baseline scores the policy's samples while the policy scores the baseline's, so both actor
+    # pools start at once where the cluster has room for both (Ray starts an actor only when its resources are
+    # free, so a smaller node runs them one after the other). Their inputs are materialized: no task waits upstream.
+    both = completion_logps_column(policy_samples, cfg, cfg.baseline_model, "reference_logp").union(
+        completion_logps_column(reference, cfg, policy, "policy_logp"))
+    judged = add_rewards(both.materialize(), cfg, e.labeler or cfg.label.labeler)
     for name in e.audit_labelers:
         # Materialized first, as in label: one scorer's actor pool at a time.
         judged = add_rewards(judged.materialize(), cfg, name, column=f"audit_{name}")
-    return judged
+    return judged, cached
 
 
 def _to_eval_schema(b: pa.Table, audits: Sequence[str]) -> pa.Table:
@@ -170,15 +225,15 @@ def run(ctx: StageContext) -> dict:
     cfg, out = ctx.cfg, ctx.out
     for name in (cfg.evaluate.labeler or cfg.label.labeler, *cfg.evaluate.audit_labelers):
         check_labeler(cfg, name)
-    models = {"policy": str(ctx.sources["policy"]), "reference": cfg.baseline_model}
-    samples = _samples(cfg, held_out_prompts(ctx.cfg, ctx.sources, ctx.out), models)
+    samples, cached = _samples(cfg, held_out_prompts(ctx.cfg, ctx.sources, ctx.out), str(ctx.sources["policy"]))
     samples.map_batches(_to_eval_schema, fn_args=(cfg.evaluate.audit_labelers,),
                         batch_format="pyarrow").write_parquet(str(out / "eval_samples"))
     rows = schemas.read_table(out / "eval_samples", schemas.EVAL_SAMPLES).to_pylist()
     metrics = compute_metrics(rows, cfg.train.beta, cfg.evaluate.on_task_words)
     # Against the baseline alone; a round's report compares with the round before too (reports.write_round_report).
     reasons = divergence(metrics, tolerance=cfg.evaluate.quality_tolerance)
-    metrics.update({"divergence": float(bool(reasons)), "divergence_reasons": reasons})
+    metrics.update({"divergence": float(bool(reasons)), "divergence_reasons": reasons,
+                    "reference_samples_from_cache": float(cached)})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_reward_vs_kl(
         [{"label": "reference", "kl": 0.0, "reward": metrics["reference_reward"],
