@@ -191,6 +191,9 @@ class Tracker:
         import torch
         import transformers
 
+        from dpo_ray.models import skip_unused_imports
+
+        skip_unused_imports()
         # Given explicitly: MLflow's own inference imports torchvision, which this environment does not have.
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
         self.mlflow.transformers.log_model(
