@@ -158,8 +158,9 @@ def test_the_cached_reference_side_is_keyed_by_what_its_samples_depend_on(tmp_pa
         assert reference_side_folder(load_config("configs/tiny.yaml", [f"run.root={tmp_path}", same]),
                                      _prompts_file(tmp_path)) == folder, same
     for changed in ("run.seed=1", "evaluate.samples_per_prompt=3", "evaluate.temperature=0.7",
-                    "evaluate.max_new_tokens=5", "sample.max_new_tokens=7", "sample.top_p=0.9", "model.dtype=bfloat16", "data.max_prompt_tokens=64",
-                    "data.system_prompt=Be brief.", "evaluate.baseline=builtin:smollm2-135m-instruct"):
+                    "evaluate.max_new_tokens=5", "sample.max_new_tokens=7", "sample.top_p=0.9", "model.dtype=bfloat16",
+                    "data.max_prompt_tokens=64", "data.system_prompt=Be brief.",
+                    "evaluate.baseline=builtin:smollm2-135m-instruct"):
         assert reference_side_folder(load_config("configs/tiny.yaml", [f"run.root={tmp_path}", changed]),
                                      _prompts_file(tmp_path)) != folder, changed
     other_prompts = tmp_path / "other"
