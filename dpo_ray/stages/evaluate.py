@@ -147,14 +147,14 @@ def _with_model(ds: ray.data.Dataset, name: str) -> ray.data.Dataset:
 
 
 def _sampled(cfg: PipelineConfig, eval_prompts: ray.data.Dataset, name: str, model: str) -> ray.data.Dataset:
-    """`model`'s samples of the held-out prompts with its own log-prob as `<name>_logp`, materialized."""
+    """`model`'s samples of the held-out prompts with its own log-prob as `<name>_logp`, lazily after the sampler."""
     e, s = cfg.evaluate, cfg.sample
     ds = sample_dataset(eval_prompts, cfg, model, e.samples_per_prompt, e.max_new_tokens or s.max_new_tokens,
                         e.temperature, cfg.run.seed + 1)
     # Materialized before any scorer: a sampler actor and a scorer actor streaming into each other hold a two-core
     # node's CPUs while the prompts' read task waits for one, and the stage hangs.
     ds = _with_model(ds, name).materialize()
-    return completion_logps_column(ds, cfg, model, f"{name}_logp", sampled_by=model).materialize()
+    return completion_logps_column(ds, cfg, model, f"{name}_logp", sampled_by=model)
 
 
 def reference_side_folder(cfg: PipelineConfig, prompts_path: Path) -> Path:
@@ -199,7 +199,7 @@ def _samples(cfg: PipelineConfig, prompts_path: Path, policy: str) -> tuple[ray.
     e = cfg.evaluate
     eval_prompts = read_split(prompts_path, "eval")
     reference, cached = _reference_side(cfg, eval_prompts, prompts_path)
-    policy_samples = _sampled(cfg, eval_prompts, "policy", policy)
+    policy_samples = _sampled(cfg, eval_prompts, "policy", policy).materialize()
     # One dataset: the baseline scores the policy's samples while the policy scores the baseline's, so both actor
     # pools start at once where the cluster has room for both (Ray starts an actor only when its resources are
     # free, so a smaller node runs them one after the other). Their inputs are materialized: no task waits upstream.
