@@ -68,6 +68,9 @@ LLAMA_1B = {
     "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
 }
 PAD, EOS = 2, 2
+# --small keeps SmolLM2's layers but not its 49,152-token vocabulary: on a CPU without bf16 units the output layer
+# of the bf16 checks took 4.6 s a step at that size, and the smoke run 3 minutes.
+SMALL_VOCAB = 4096
 # Summed log-probs of bf16 against fp32: bf16 keeps 8 bits of mantissa, so each token's log-prob is off by up to
 # ~0.4% and a sequence's sum by about that fraction (measured on CPU: 0.1-0.3%); 2% leaves room for GPU kernels.
 LOGP_RTOL = 0.02
@@ -82,10 +85,10 @@ def build_model(layers: int, dtype: torch.dtype, device: str, seed: int = 0, sha
     return model.to(dtype=dtype, device=device)
 
 
-def random_pairs(count: int, prompt_len: int, completion_len: int, seed: int) -> tuple[list, list]:
+def random_pairs(count: int, prompt_len: int, completion_len: int, seed: int, vocab_size: int) -> tuple[list, list]:
     """Token ids of `count` prompts and their two completions, lengths varying a little as real pairs do."""
     g = torch.Generator().manual_seed(seed)
-    ids = lambda n: torch.randint(3, SMOLLM2_135M["vocab_size"], (n,), generator=g).tolist()  # noqa: E731
+    ids = lambda n: torch.randint(3, vocab_size, (n,), generator=g).tolist()  # noqa: E731
     prompts = [ids(prompt_len - i % 4) for i in range(count)]
     completions = [[ids(max(1, completion_len - i % 5)), ids(max(1, completion_len - i % 3))] for i in range(count)]
     return prompts, completions
@@ -110,7 +113,8 @@ def timed(fn, device: str):
 
 
 def check_scorer(args, reference_cpu, model) -> dict:
-    prompts, completions = random_pairs(args.pairs, args.prompt_len, args.completion_len, seed=1)
+    prompts, completions = random_pairs(args.pairs, args.prompt_len, args.completion_len, seed=1,
+                                        vocab_size=args.shape["vocab_size"])
     batch = shared_prompt_batch(prompts, completions, PAD)
     with torch.inference_mode():
         expected, _ = shared_prompt_logps(reference_cpu, **batch)
@@ -124,7 +128,7 @@ def check_scorer(args, reference_cpu, model) -> dict:
 
 
 def check_sampler(args, model) -> dict:
-    prompts, _ = random_pairs(args.prompts, args.prompt_len, 1, seed=2)
+    prompts, _ = random_pairs(args.prompts, args.prompt_len, 1, seed=2, vocab_size=args.shape["vocab_size"])
     seeds = [sample_seed(0, str(i), j) for i in range(len(prompts)) for j in range(args.n)]
     run = lambda: sample_tokens(model, prompts, seeds, args.n, args.new_tokens, 1.0, 1.0, {EOS}, PAD)  # noqa: E731
     run()  # warm-up
@@ -165,19 +169,20 @@ def train_steps(model, batch: dict, reference: tuple, steps: int, lr: float) -> 
 def train_batch(args) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
     """The training pairs (on the CPU) and reference log-probs offset from the initial policy's, so the first loss
     is not exactly log 2."""
-    prompts, completions = random_pairs(args.train_pairs, args.prompt_len, args.completion_len, seed=3)
+    prompts, completions = random_pairs(args.train_pairs, args.prompt_len, args.completion_len, seed=3,
+                                        vocab_size=args.shape["vocab_size"])
     batch = shared_prompt_batch(prompts, completions, PAD)
     with torch.inference_mode():
-        initial, _ = shared_prompt_logps(build_model(args.layers, torch.float32, "cpu"), **batch)
+        initial, _ = shared_prompt_logps(build_model(args.layers, torch.float32, "cpu", shape=args.shape), **batch)
     offsets = torch.linspace(-2.0, 2.0, len(prompts))
     return batch, (initial[0::2] + offsets, initial[1::2] - offsets)
 
 
 def check_train_step(args, dtype) -> dict:
     batch, reference = train_batch(args)
-    cpu_losses, cpu_norm, _ = train_steps(build_model(args.layers, torch.float32, "cpu"), batch, reference, 1,
-                                          args.lr)
-    model = build_model(args.layers, dtype, args.device)
+    cpu_model = build_model(args.layers, torch.float32, "cpu", shape=args.shape)
+    cpu_losses, cpu_norm, _ = train_steps(cpu_model, batch, reference, 1, args.lr)
+    model = build_model(args.layers, dtype, args.device, shape=args.shape)
     losses, norm, step_seconds = train_steps(model, on_device(batch, args.device),
                                              tuple(r.to(args.device) for r in reference), args.steps, args.lr)
     loss_error = abs(losses[0] - cpu_losses[0]) / abs(cpu_losses[0])
@@ -226,8 +231,8 @@ def check_deepspeed(args, stage: int, cpu_first_loss: float) -> dict:
     pairs = len(reference[0])
     t = TrainConfig(strategy="deepspeed", zero_stage=stage, lr=args.lr, batch_size=pairs, micro_batch_size=pairs,
                     num_workers=1, max_grad_norm=None, use_gpu=args.device == "cuda")
-    engine = DeepSpeedEngine(SequenceScorer(build_model(args.layers, torch.float32, args.device)), t, args.dtype,
-                             pairs, 1)
+    model = build_model(args.layers, torch.float32, args.device, shape=args.shape)
+    engine = DeepSpeedEngine(SequenceScorer(model), t, args.dtype, pairs, 1)
     engine.model.train()
     losses, norms = [], []
     for _ in range(args.steps):
@@ -274,9 +279,10 @@ def matmul_tflops(device: str, dtype: torch.dtype, n: int) -> float:
 
 
 def check_throughput(args, dtype) -> dict:
-    shape = SMOLLM2_135M if args.small else LLAMA_1B
+    shape = args.shape if args.small else LLAMA_1B
     layers = args.layers if args.small else shape["num_hidden_layers"]
-    prompts, completions = random_pairs(args.tp_pairs, args.tp_prompt_len, args.tp_completion_len, seed=4)
+    prompts, completions = random_pairs(args.tp_pairs, args.tp_prompt_len, args.tp_completion_len, seed=4,
+                                        vocab_size=shape["vocab_size"])
     # Every completion ends with EOS, as a finished sample does (and as TRL's tokenization of text makes it).
     completions = [[c[:-1] + [EOS] for c in group] for group in completions]
     batch = on_device(shared_prompt_batch(prompts, completions, PAD), args.device)
@@ -331,7 +337,8 @@ def check_throughput(args, dtype) -> dict:
     if trl_tmp is not None:
         trl_tmp.cleanup()
     peak = matmul_tflops(args.device, dtype, 8192 if args.device == "cuda" else 1024)
-    result = {"shape": "SmolLM2-135M" if args.small else "Llama-3.2-1B", "layers": layers, "parameters": parameters,
+    name = f"SmolLM2-135M, vocabulary {SMALL_VOCAB}" if args.small else "Llama-3.2-1B"
+    result = {"shape": name, "layers": layers, "parameters": parameters,
               "pairs_per_step": len(prompts), "pair_tokens_per_step": pair_tokens,
               "matmul_tflops": peak, "warmup_rounds": args.tp_warmup, "steps_timed": args.tp_steps,
               "order": list(steps)}
@@ -394,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the throughput (figure 6) alone, not the scorer/sampler/train/DeepSpeed checks")
     args = p.parse_args(argv)
     scale = 1 if args.small else 8
+    args.shape = {**SMOLLM2_135M, "vocab_size": SMALL_VOCAB} if args.small else SMOLLM2_135M
     args.pairs, args.prompts, args.train_pairs, args.n = 4 * scale, 2 * scale, 2 * scale, 4
     args.prompt_len, args.completion_len, args.new_tokens = (16, 12, 8) if args.small else (64, 128, 128)
     args.steps, args.lr = 4, 1e-3
@@ -407,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     checks = {}
     if not args.only_throughput:
-        reference_cpu = build_model(args.layers, torch.float32, "cpu").eval()
-        model = build_model(args.layers, dtype, args.device).eval()
+        reference_cpu = build_model(args.layers, torch.float32, "cpu", shape=args.shape).eval()
+        model = build_model(args.layers, dtype, args.device, shape=args.shape).eval()
         checks = {"scorer": check_scorer(args, reference_cpu, model), "sampler": check_sampler(args, model)}
         del model, reference_cpu
         checks["train_step"] = check_train_step(args, dtype)
