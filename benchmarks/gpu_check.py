@@ -17,12 +17,13 @@ architecture and random weights. In bf16 on the device, against the same work in
 4. deepspeed_zero2 / deepspeed_zero3: the train stage's GPU engine (`dpo_ray.engines.DeepSpeedEngine`, bf16, a
    one-rank NCCL process group): the first loss matches the CPU fp32 step, the loss falls, and the policy it saves
    reloads with transformers and scores the batch as the engine does; skipped with --no-deepspeed;
-5. throughput (not pass/fail): train steps of a Llama-3.2-1B-shaped model (SmolLM2's with --small), ours
-   (prompt shared by both completions, log-softmax of the picked tokens only) against a plain PyTorch step as
-   TRL-style trainers take it (prompt+chosen and prompt+rejected as 2B sequences, full logits) and against TRL's
-   DPOTrainer itself (precompute_ref_log_probs=True, driven as figure 1 drives it: gpu_trl.py), interleaved; pair
-   tokens/s, the ratios, and MFU against the bf16 matmul rate measured in the same process. The TRL side is
-   reported as skipped, with the reason, where `trl` cannot be imported (or with --no-trl); the rest runs alike;
+5. throughput (not pass/fail): train steps of a Llama-3.2-1B-shaped model (with --small, SmolLM2's layers and a
+   4,096-token vocabulary, as in every check with --small), ours (prompt shared by both completions, log-softmax of
+   the picked tokens only) against a plain PyTorch step as TRL-style trainers take it (prompt+chosen and
+   prompt+rejected as 2B sequences, full logits) and against TRL's DPOTrainer itself (precompute_ref_log_probs=True,
+   driven as figure 1 drives it: gpu_trl.py), interleaved; pair tokens/s, the ratios, and MFU against the bf16
+   matmul rate measured in the same process. The TRL side is reported as skipped, with the reason, where `trl`
+   cannot be imported (or with --no-trl); the rest runs alike;
 
 and writes a JSON with the device, versions, each check's numbers and throughput. Exit code 1 if a check fails.
 """
