@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 # Installing the project builds its metadata in this folder (dpo_ray.egg-info): two installs at once could read each
-# other's half-written files, so that step of each environment's install holds this lock.
-LOCKED := flock .install.lock
+# other's half-written files, so that step of each environment's install holds this lock. flock is util-linux's;
+# where it is missing (macOS), `make test` installs the two environments one after the other.
+LOCKED := $(if $(shell command -v flock),flock .install.lock)
 
 .PHONY: install run test test-fast test-vllm clean
 
@@ -48,7 +49,7 @@ run: $(STAMP)
 # The two environments install at once: pip mostly waits on reading and unpacking wheels, and one after the other
 # took 251 s against 168 s at once on two cores.
 test:
-	$(MAKE) -j2 $(STAMP) $(VLLM_STAMP)
+	$(MAKE) $(if $(LOCKED),-j2) $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow" --timeout=1800 --durations=15 $(ARGS)
 	$(MAKE) test-vllm
 
