@@ -88,6 +88,11 @@ class DataConfig(_Section):
     split: str = "train"
     # Our column names mapped to the file's, where they differ: {prompt: question, chosen: response_j, ...}.
     columns: dict[str, str] = {}
+    # Seed of the held-out prompts: which prompts are held out, and evaluation's and the KL probes' sampling of
+    # them. None: run.seed. Rounds fix it to the first round's seed while each round samples with its own, so every
+    # round is judged on the same held-out prompts (and the baseline's samples of them, cached) and none of them is
+    # trained on in any round.
+    held_out_seed: int | None = None
 
     @field_validator("columns")
     @classmethod
@@ -454,6 +459,10 @@ class PipelineConfig(_Section):
     def baseline_model(self) -> str:
         return self.evaluate.baseline or self.reference_model
 
+    @property
+    def held_out_seed(self) -> int:
+        return self.run.seed if self.data.held_out_seed is None else self.data.held_out_seed
+
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
@@ -537,6 +546,7 @@ def _round_tree(cfg: PipelineConfig, k: int, previous_policy: str | None = None,
         if cfg.rounds.init == "initial":
             tree["train"]["init_from"] = cfg.model.policy
         tree["run"]["seed"] = cfg.run.seed + k - 1
+        tree["data"]["held_out_seed"] = cfg.held_out_seed
     return tree
 
 

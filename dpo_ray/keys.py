@@ -43,7 +43,7 @@ ADDED_LATER = {"label": ("judge_model", "judge_rubric", "judge_tie_margin"),
                          "gradient_checkpointing", "offload_optimizer",
                          "lora", "lora.quantize"),
                "evaluate": ("audit_labelers", "quality_tolerance"),
-               "data": ("split", "columns")}
+               "data": ("split", "columns", "held_out_seed")}
 
 
 def settings(cfg: PipelineConfig, section: str) -> dict:
@@ -67,16 +67,19 @@ def _without_defaults(model, later) -> dict:
 def reading(cfg: PipelineConfig) -> dict:
     """How data.prompts / data.preferences are read beyond their contents (data.split, data.columns), each left
     out at its default."""
-    return {name: value for name, value in settings(cfg, "data").items() if name in ADDED_LATER["data"]}
+    return {name: value for name, value in settings(cfg, "data").items() if name in ("split", "columns")}
 
 
 def held_out_prompts(cfg: PipelineConfig, digests: dict[str, str]) -> str:
-    """The key of a stage's held-out prompts: the prompts file it was given, or else data.prompts as it is read
-    (data.split, data.columns)."""
+    """The key of a stage's held-out prompts and how they are sampled: the prompts file it was given, or else
+    data.prompts as it is read (data.split, data.columns); with data.held_out_seed set, that seed too."""
     if digests.get("prompts"):
-        return digests["prompts"]
-    read = digest(cfg.data.prompts, "data.prompts")
-    return artifacts.input_key({"prompts": read, **reading(cfg)}) if reading(cfg) else read
+        prompts = digests["prompts"]
+    else:
+        read = digest(cfg.data.prompts, "data.prompts")
+        prompts = artifacts.input_key({"prompts": read, **reading(cfg)}) if reading(cfg) else read
+    seed = cfg.data.held_out_seed
+    return prompts if seed is None else artifacts.input_key({"prompts": prompts, "held_out_seed": seed})
 
 
 def policy(cfg: PipelineConfig) -> dict:

@@ -611,7 +611,7 @@ def test_new_data_keys_enter_stage_keys_only_when_set(tmp_path):
 
     cfg = load_config("configs/default.yaml")
     assert keys.settings(cfg, "data") == {k: v for k, v in cfg.data.model_dump().items()
-                                          if k not in ("split", "columns")}
+                                          if k not in ("split", "columns", "held_out_seed")}
     assert keys.reading(cfg) == {}
     changed = load_config("configs/default.yaml", ["data.split=test", "data.columns={prompt: question}"])
     assert keys.reading(changed) == {"split": "test", "columns": {"prompt": "question"}}

@@ -8,9 +8,11 @@ import re
 import subprocess
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pytest
 from conftest import check_run_tree, isolated_env, mlflow_runs, sqlite_store
 
+from dpo_ray import schemas
 from dpo_ray.artifacts import read_manifest
 
 pytestmark = pytest.mark.slow
@@ -40,6 +42,13 @@ def test_the_rounds_recipe_runs_as_the_readme_writes_it(tmp_path):
     _check_filter(run_dir)
     _check_kl_budget(run_dir)
     _check_replay(run_dir)
+    # Every round is judged on round 1's held-out prompts and the baseline's samples of them, sampled once.
+    held_out = [schemas.read_table(run_dir / f"round_{k}" / "sample" / "prompts.parquet", schemas.PROMPTS)
+                .filter(pc.equal(pc.field("split"), "eval"))["prompt_id"].to_pylist() for k in (1, 2, 3)]
+    assert held_out[0] and held_out[0] == held_out[1] == held_out[2]
+    cached = [json.loads((run_dir / f"round_{k}" / "evaluate" / "metrics.json").read_text())
+              ["reference_samples_from_cache"] for k in (1, 2, 3)]
+    assert cached == [0.0, 1.0, 1.0]
     rounds = json.loads((run_dir / "rounds.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert all(0 <= r["audit_judge_win_rate"] <= 1 and isinstance(r["divergence"], list) for r in rounds)
@@ -60,7 +69,6 @@ def test_the_rounds_recipe_runs_as_the_readme_writes_it(tmp_path):
 def _check_filter(run_dir: Path) -> None:
     """Round 1 has no filter column values; in round 2 every kept pair is one the sentiment filter does not
     contradict, and the stage counted what it dropped."""
-    from dpo_ray import schemas
     from dpo_ray.ops.rewards import vader
 
     assert schemas.read_table(run_dir / "round_1" / "label" / "scored", schemas.SCORED)["filter_reward"].null_count > 0
@@ -89,7 +97,6 @@ def _check_kl_budget(run_dir: Path) -> None:
 def _check_replay(run_dir: Path) -> None:
     """A quarter of rounds 2-3's pairs come from the earlier rounds' own pairs, scored before by the same (initial)
     reference: from the cache."""
-    from dpo_ray import schemas
     from dpo_ray.pairs import replay_count
 
     assert read_manifest(run_dir / "round_1" / "reference")["stats"].get("replayed_pairs") is None

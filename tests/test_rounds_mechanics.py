@@ -87,6 +87,43 @@ def test_round_configs_follow_the_soft_reference_and_score_self_labels_against_t
     assert round_config(initial, 2, "/r1/policy", initial.reference_model).label.implicit_reference is None
 
 
+def test_every_round_holds_out_the_same_prompts_trains_on_none_of_them_and_reuses_the_baselines_samples(
+        tmp_path, policy_folder):
+    """Round k samples with seed+k-1 but keeps round 1's held-out prompts (before, each round split them again, and
+    a later round's held-out prompts included earlier rounds' train prompts), draws its own train prompts from the
+    rest, and evaluates with round 1's sampling seed, so the baseline's side of evaluation is one cache entry."""
+    import pyarrow.parquet as pq
+
+    from dpo_ray import keys
+    from dpo_ray.ops.prompts import prepare_prompts
+    from dpo_ray.stages import evaluate, sample
+
+    cfg = _cfg(tmp_path, "rounds.count=3", "data.num_train_prompts=96", "data.num_eval_prompts=48")
+    rounds = [round_config(cfg, 1), *(round_config(cfg, k, str(policy_folder)) for k in (2, 3))]
+    assert [r.run.seed for r in rounds] == [0, 1, 2] and {r.held_out_seed for r in rounds} == {0}
+    splits = []
+    for k, round_cfg in enumerate(rounds, 1):
+        out = tmp_path / f"round_{k}"
+        out.mkdir()
+        prepare_prompts(round_cfg, out)
+        rows = pq.read_table(out / "prompts.parquet").to_pylist()
+        splits.append({split: {r["prompt_id"] for r in rows if r["split"] == split} for split in ("train", "eval")})
+    assert all(len(s["eval"]) == 48 and s["eval"] == splits[0]["eval"] for s in splits)
+    assert all(len(s["train"]) == 96 and not s["train"] & splits[0]["eval"] for s in splits)
+    assert splits[1]["train"] != splits[0]["train"] != splits[2]["train"]
+    folders = {evaluate.reference_side_folder(r, tmp_path / f"round_{k}" / "prompts.parquet")
+               for k, r in enumerate(rounds, 1)}
+    assert len(folders) == 1
+    # Round 1 is the single run it always was: the same split, the same stage key.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    prepare_prompts(cfg, alone)
+    assert pq.read_table(alone / "prompts.parquet").equals(pq.read_table(tmp_path / "round_1" / "prompts.parquet"))
+    assert sample.inputs(rounds[0], {}) == sample.inputs(cfg, {})
+    assert sample.inputs(rounds[1], {})["data"]["held_out_seed"] == 0
+    assert keys.held_out_prompts(rounds[1], {"prompts": "p"}) != keys.held_out_prompts(rounds[0], {"prompts": "p"})
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["rounds.reference_alpha=0"], "rounds.reference_alpha: Input should be greater than 0"),
     (["reference.replay_share=1"], "reference.replay_share: Input should be less than 1"),

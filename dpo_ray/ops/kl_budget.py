@@ -37,7 +37,7 @@ def probe_kl(cfg: PipelineConfig, policy: str, prompts_path: Path) -> float:
     """KL(policy || baseline) per sequence on the first train.kl_probe_prompts held-out prompts."""
     e, s = cfg.evaluate, cfg.sample
     prompts = read_split(prompts_path, "eval").limit(cfg.train.kl_probe_prompts)
-    ds = sample_dataset(prompts, cfg, policy, 1, e.max_new_tokens or s.max_new_tokens, 1.0, cfg.run.seed + 2)
+    ds = sample_dataset(prompts, cfg, policy, 1, e.max_new_tokens or s.max_new_tokens, 1.0, cfg.held_out_seed + 2)
     ds = completion_logps_column(ds.materialize(), cfg, policy, "policy_logp", sampled_by=policy)
     # Materialized, so the scorer's actor is gone before the tasks that read its output need a CPU.
     ds = completion_logps_column(ds, cfg, cfg.baseline_model, "baseline_logp", sampled_by=policy).materialize()

@@ -20,14 +20,14 @@ log = logging.getLogger(__name__)
 
 
 def prepare_prompts(cfg: PipelineConfig, out_dir: str | Path) -> dict:
-    """Validate the user's prompts and write prompts.parquet with a seeded train/eval split."""
+    """Validate the user's prompts and write prompts.parquet with a train/eval split seeded by cfg.held_out_seed."""
     data = cfg.data
     read = read_prompts(data.prompts, data.on_bad_rows, split=data.split, columns=data.columns)
     write_rejects(read.rejects, out_dir)
     if not read.rows:
         raise InputError(f"data.prompts: no usable prompt in {data.prompts} ({len(read.rejects)} row(s) rejected)")
     rows = sorted(read.rows, key=lambda r: r["id"])
-    random.Random(cfg.run.seed).shuffle(rows)
+    random.Random(cfg.held_out_seed).shuffle(rows)
     n_eval = min(data.num_eval_prompts, len(rows) // 2)
     if data.num_eval_prompts and n_eval == 0:
         raise InputError(f"data.num_eval_prompts: the {len(rows)} prompt in {data.prompts} cannot be split into "
@@ -35,7 +35,11 @@ def prepare_prompts(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     if n_eval < data.num_eval_prompts:
         log.info(f"sample: {len(rows)} prompts: {n_eval} held out for evaluation, not "
                  f"data.num_eval_prompts={data.num_eval_prompts} (at most half are held out)")
-    train = rows[n_eval:][: data.num_train_prompts]
+    rest = rows[n_eval:]
+    if cfg.run.seed != cfg.held_out_seed:
+        # A later round: the same held-out prompts, and its own draw of train prompts from the others.
+        random.Random(cfg.run.seed).shuffle(rest)
+    train = rest[: data.num_train_prompts]
     table = schemas.rows_to_table(
         [{"prompt_id": r["id"], "prompt": r["prompt"], "messages_json": r["messages_json"], "split": split}
          for split, part in (("train", train), ("eval", rows[:n_eval])) for r in part],

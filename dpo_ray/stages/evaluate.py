@@ -56,7 +56,7 @@ def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
     prompts = keys.held_out_prompts(cfg, digests)
     judges = {cfg.evaluate.labeler or cfg.label.labeler, *cfg.evaluate.audit_labelers}
     return {"policy": digests["policy"], "baseline": model_fingerprint(cfg.baseline_model), "prompts": prompts,
-            "seed": cfg.run.seed, "dtype": cfg.model.dtype, "limits": keys.limits(cfg),
+            "seed": cfg.held_out_seed, "dtype": cfg.model.dtype, "limits": keys.limits(cfg),
             "evaluate": keys.settings(cfg, "evaluate"), "sample": cfg.sample.model_dump(),
             "labeler": keys.settings(cfg, "label"),
             "reward_model": model_fingerprint(cfg.label.reward_model) if "reward_model" in judges else None,
@@ -150,7 +150,7 @@ def _sampled(cfg: PipelineConfig, eval_prompts: ray.data.Dataset, name: str, mod
     """`model`'s samples of the held-out prompts with its own log-prob as `<name>_logp`, lazily after the sampler."""
     e, s = cfg.evaluate, cfg.sample
     ds = sample_dataset(eval_prompts, cfg, model, e.samples_per_prompt, e.max_new_tokens or s.max_new_tokens,
-                        e.temperature, cfg.run.seed + 1)
+                        e.temperature, cfg.held_out_seed + 1)
     # Materialized before any scorer: a sampler actor and a scorer actor streaming into each other hold a two-core
     # node's CPUs while the prompts' read task waits for one, and the stage hangs.
     ds = _with_model(ds, name).materialize()
@@ -166,7 +166,7 @@ def reference_side_folder(cfg: PipelineConfig, prompts_path: Path) -> Path:
                             filters=[("split", "==", "eval")])
     key = artifacts.input_key({
         "baseline": model_fingerprint(cfg.baseline_model), "dtype": cfg.model.dtype, "prompts": prompts.to_pydict(),
-        "limits": keys.limits(cfg), "seed": cfg.run.seed, "backend": s.backend, "n": e.samples_per_prompt,
+        "limits": keys.limits(cfg), "seed": cfg.held_out_seed, "backend": s.backend, "n": e.samples_per_prompt,
         "max_new_tokens": e.max_new_tokens or s.max_new_tokens, "temperature": e.temperature, "top_p": s.top_p})
     return Path(cfg.run.root).resolve() / "eval_reference_cache" / key
 
