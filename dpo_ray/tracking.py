@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -203,3 +204,25 @@ class Tracker:
     def log_skip(self, name: str) -> None:
         if self.mlflow.active_run():
             self.mlflow.set_tag(f"dpo_ray.skipped.{name}", "manifest matched")
+
+
+def prepare_model_logging() -> None:
+    """Start importing, on a thread, what Tracker.log_model will import, for a stage whose driver mostly waits
+    (train waits on Ray Train). MLflow's transformers flavor imports peft to ask whether the model is an adapter,
+    and peft imports bitsandbytes where it is installed ([qlora], [dev]), which runs torch.compile's imports:
+    2.3-2.5 s of log_model's 4-5 s on two cores, paid after training by every train stage. Not a daemon: a stage
+    that fails meanwhile exits after the imports, not inside them (interpreter shutdown under a running import
+    can crash in an extension module and change the exit code)."""
+    threading.Thread(target=_import_model_logging, name="dpo-ray-import-model-logging").start()
+
+
+def _import_model_logging() -> None:
+    import importlib
+    import importlib.util
+
+    from dpo_ray.models import skip_unused_imports
+
+    skip_unused_imports()
+    for name in ("mlflow.transformers", "peft"):
+        if importlib.util.find_spec(name.partition(".")[0]):
+            importlib.import_module(name)

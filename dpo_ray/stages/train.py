@@ -40,6 +40,7 @@ from dpo_ray.models import (ModelSpec, adapter_base, load_causal_lm, model_finge
 from dpo_ray.ops.kl_budget import within_budget
 from dpo_ray.ops.prompts import held_out_prompts
 from dpo_ray.runner import StageContext
+from dpo_ray.tracking import prepare_model_logging
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -337,6 +338,8 @@ def run(ctx: StageContext) -> dict:
         # A 4-bit base keeps a loaded adapter unmerged (models.load_causal_lm); a new adapter cannot go on top.
         raise ConfigError(f"train.lora.quantize: {start} is a LoRA adapter folder; QLoRA trains on a full model "
                           "(publish the previous round's policy merged, train.lora.merge=true)")
+    if cfg.run.log_model:
+        prepare_model_logging()
     ordered = _seeded_order(str(ctx.sources["reference"]), cfg.run.seed)
     pairs = ordered.count()
     if pairs < t.batch_size:
