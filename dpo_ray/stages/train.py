@@ -338,7 +338,7 @@ def run(ctx: StageContext) -> dict:
         # A 4-bit base keeps a loaded adapter unmerged (models.load_causal_lm); a new adapter cannot go on top.
         raise ConfigError(f"train.lora.quantize: {start} is a LoRA adapter folder; QLoRA trains on a full model "
                           "(publish the previous round's policy merged, train.lora.merge=true)")
-    if cfg.run.log_model:
+    if cfg.run.log_model and ctx.run_id:  # a tracked run logs the policy when the stage ends
         prepare_model_logging()
     ordered = _seeded_order(str(ctx.sources["reference"]), cfg.run.seed)
     pairs = ordered.count()
