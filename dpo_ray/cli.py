@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         # MLflow logs every failed write to its SQL store with the whole traceback, once per retry and layer;
         # the failure itself reaches the user as one line (errors.tracking_store_error), or with --debug in full.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    joined_ray_before = _joined_ray()
     try:
         with _sigterm_unwinds():
             _dispatch(command, rest)
@@ -135,8 +136,25 @@ def main(argv: list[str] | None = None) -> None:
         problem = find_user_error(err) or tracking_store_error(err, f"dpo-ray {command}")
         if problem is None or debug:
             raise
+        if not joined_ray_before:
+            _leave_ray()
         print(one_line(problem), file=sys.stderr, flush=True)
         raise SystemExit(problem.exit_code) from None
+
+
+def _joined_ray() -> bool:
+    ray = sys.modules.get("ray")  # not imported for errors met before any stage starts
+    return ray is not None and ray.is_initialized()
+
+
+def _leave_ray() -> None:
+    """Disconnect from the Ray cluster this command joined before its error is printed: until the driver
+    disconnects, Ray forwards its workers' and raylets' log lines (a raylet warns every 10 s while its disk is over
+    95% full), which would otherwise land after the error line the user reads last. A connection the caller made
+    before calling main() is the caller's to end."""
+    if _joined_ray():
+        with contextlib.suppress(Exception):
+            sys.modules["ray"].shutdown()
 
 
 @contextlib.contextmanager

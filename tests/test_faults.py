@@ -111,6 +111,25 @@ def test_disk_full_mid_stage_is_one_clear_error_and_leaves_nothing_that_reads_as
 
 
 @pytest.mark.slow
+def test_an_error_met_after_joining_ray_is_the_last_line_printed(tmp_path, capsys):
+    """Ray forwards its raylets' and workers' log lines to a driver until the driver leaves it: CI's raylet warned
+    that its disk was over 95% full after the error line. The CLI leaves Ray before it prints the error."""
+    import ray
+
+    from dpo_ray import cli
+
+    ray.shutdown()  # an earlier test of this process may have left it joined; a command leaves only what it joined
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["sample", "--config", str(REPO / "configs/tiny.yaml"), "--out", str(tmp_path / "samples"),
+                  f"run.root={tmp_path / 'runs'}", "sample.num_actors=64"])
+    assert stopped.value.code == 2
+    # The resource check runs after ray.init, so this error was met while joined to a Ray cluster.
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "dpo-ray: config error: sample.cpus_per_actor: 64 x 1 CPU = 64 CPU, but the Ray cluster has")
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
 def test_an_unwritable_mlflow_store_is_one_line_and_the_rerun_ends_the_run_it_left(tmp_path):
     """The default layout (MLflow's sqlite file under run.root) when the database cannot be written: the driver
     alone runs under a file size limit of half the database's size, so SQLite's writes to its newest pages fail in
@@ -125,7 +144,10 @@ def test_an_unwritable_mlflow_store_is_one_line_and_the_rerun_ends_the_run_it_le
     ray_bin = Path(sys.executable).with_name("ray")
     # Token auth off: Ray 2.60's `ray start --head` would otherwise want its token from the driver (this cluster
     # listens on this machine only and lives for one test).
-    env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "disabled"}
+    # Its raylet warns every 10 s that the disk is over the capacity threshold, as CI's did on a 95% full disk;
+    # none of those lines may come after the error line.
+    env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "disabled",
+           "RAY_local_fs_capacity_threshold": "0.01"}
     root = tmp_path / "runs"
     try:
         subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}",
