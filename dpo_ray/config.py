@@ -215,6 +215,11 @@ class ReferenceConfig(_ActorPool):
     # (the `replay` source: every earlier round's label/pairs); 0.25 adds one earlier pair per three new ones.
     # Their log-probs come from the cache when the reference is unchanged.
     replay_share: float = Field(0.0, ge=0, lt=1)
+    # Where a stage needs log-probs under several models (evaluate, the KL-budget probes, the implicit labeler), one
+    # actor holds them all (and the transformers sampler too, where it samples the rows): one process start and one
+    # round of imports instead of one per model, 6-7 s each on two cores. None: shared unless the stage asks for a
+    # GPU, whose memory then holds one model per actor.
+    share_actor: bool | None = None
 
 
 class LoraSettings(_Section):
@@ -462,6 +467,13 @@ class PipelineConfig(_Section):
     @property
     def held_out_seed(self) -> int:
         return self.run.seed if self.data.held_out_seed is None else self.data.held_out_seed
+
+    @property
+    def models_share_actor(self) -> bool:
+        """reference.share_actor, its default resolved: shared where no sampler or scorer asks for a GPU."""
+        if self.reference.share_actor is not None:
+            return self.reference.share_actor
+        return not (self.reference.gpus_per_actor or self.sample.gpus_per_actor)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

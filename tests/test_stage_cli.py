@@ -187,6 +187,22 @@ def test_train_and_evaluate_stages_alone(chain):
     samples = schemas.read_table(root / "e" / "eval_samples", schemas.EVAL_SAMPLES)
     assert samples.num_rows == 4 * 2 * 2
 
+    # One model per actor, as on a GPU (reference.share_actor=false), and the baseline's side sampled again: the
+    # same samples, log-probs and rewards as the run whose actors held both models (the default without GPUs).
+    main(["evaluate", "--prompts", str(root / "s" / "prompts.parquet"), "--policy", str(root / "t" / "policy"),
+          "--out", str(root / "e_split"), *common, "reference.share_actor=false", "reference.cache=false"])
+
+    def by_sample(folder: str) -> dict:
+        rows = schemas.read_table(root / folder / "eval_samples", schemas.EVAL_SAMPLES).to_pylist()
+        return {(r["prompt_id"], r["model"], r["sample_index"]): r for r in rows}
+
+    shared, split = by_sample("e"), by_sample("e_split")
+    assert shared.keys() == split.keys() and len(shared) == 16
+    for key, row in shared.items():
+        assert (row["completion"], row["reward"]) == (split[key]["completion"], split[key]["reward"]), key
+        for column in ("policy_logp", "reference_logp"):
+            assert row[column] == pytest.approx(split[key][column], abs=1e-4), (key, column)
+
 
 def test_reference_free_losses_train_on_the_label_stages_pairs(chain, capsys, tmp_path):
     """simpo and orpo need no reference log-probs: train reads the label stage's pairs directly. A loss that needs

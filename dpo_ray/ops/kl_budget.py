@@ -16,8 +16,7 @@ from pathlib import Path
 
 from dpo_ray.config import PipelineConfig
 from dpo_ray.ops.prompts import read_split
-from dpo_ray.ops.samplers import sample_dataset
-from dpo_ray.ops.scorers import completion_logps_column
+from dpo_ray.ops.scorers import sampled_with_logps
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +36,9 @@ def probe_kl(cfg: PipelineConfig, policy: str, prompts_path: Path) -> float:
     """KL(policy || baseline) per sequence on the first train.kl_probe_prompts held-out prompts."""
     e, s = cfg.evaluate, cfg.sample
     prompts = read_split(prompts_path, "eval").limit(cfg.train.kl_probe_prompts)
-    ds = sample_dataset(prompts, cfg, policy, 1, e.max_new_tokens or s.max_new_tokens, 1.0, cfg.held_out_seed + 2)
-    ds = completion_logps_column(ds.materialize(), cfg, policy, "policy_logp", sampled_by=policy)
-    # Materialized, so the scorer's actor is gone before the tasks that read its output need a CPU.
-    ds = completion_logps_column(ds, cfg, cfg.baseline_model, "baseline_logp", sampled_by=policy).materialize()
+    # Materialized, so the last actor is gone before the tasks that read its output need a CPU.
+    ds = sampled_with_logps(prompts, cfg, policy, 1, e.max_new_tokens or s.max_new_tokens, 1.0, cfg.held_out_seed + 2,
+                            [(policy, "policy_logp"), (cfg.baseline_model, "baseline_logp")]).materialize()
     rows = ds.select_columns(["policy_logp", "baseline_logp"]).take_all()
     return statistics.fmean(r["policy_logp"] - r["baseline_logp"] for r in rows)
 

@@ -26,7 +26,7 @@ from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ModelError
 from dpo_ray.models import ModelSpec, device_for, resolve_model, set_torch_threads, skip_unused_imports
 from dpo_ray.ops.judge import check_judge, judge_rewards
-from dpo_ray.ops.scorers import completion_logps_column
+from dpo_ray.ops.scorers import completion_logps_columns
 from dpo_ray.text import conversation_text, prompt_messages
 
 
@@ -140,11 +140,9 @@ class ImplicitReward(Labeler):
         """`sampled_by`: the model whose `sample_logp` every row carries, if one did; its log-probs are then taken
         from the sampler instead of scored again where they are exact."""
         cfg, lab = self.cfg, self.cfg.label
-        # Materialized after each model: the stage holds one model's actor pool at a time.
-        ds = completion_logps_column(ds, cfg, lab.implicit_policy or cfg.model.policy, "_implicit_policy_logp",
-                                     sampled_by).materialize()
-        ds = completion_logps_column(ds, cfg, lab.implicit_reference or cfg.reference_model,
-                                     "_implicit_reference_logp", sampled_by).materialize()
+        ds = completion_logps_columns(ds, cfg, [(lab.implicit_policy or cfg.model.policy, "_implicit_policy_logp"),
+                                                (lab.implicit_reference or cfg.reference_model,
+                                                 "_implicit_reference_logp")], sampled_by).materialize()
         beta = lab.implicit_beta
 
         def implicit_reward(batch: pa.Table) -> pa.Table:

@@ -229,22 +229,25 @@ def _tensor_parallel_placement(size: int) -> dict:
     return {"num_gpus": 0, "ray_remote_args_fn": pg_strategy}
 
 
+def sampler_pool(cfg: PipelineConfig) -> dict:
+    """map_batches' settings of a sampler actor pool: prompts per batch, pool size and each actor's resources."""
+    s = cfg.sample
+    remote_args = s.actor_resources()
+    if s.backend == "vllm" and s.tensor_parallel_size > 1:
+        remote_args.update(_tensor_parallel_placement(s.tensor_parallel_size))
+    return {"batch_size": s.batch_size, "batch_format": "pyarrow",
+            "compute": ray.data.ActorPoolStrategy(size=s.num_actors), **remote_args}
+
+
 def sample_dataset(
     prompts: ray.data.Dataset, cfg: PipelineConfig, model: str, n: int,
     max_new_tokens: int, temperature: float, seed: int,
 ) -> ray.data.Dataset:
     """Completions of every prompt row, as a lazy Ray dataset with the COMPLETIONS schema."""
-    s = cfg.sample
-    if s.backend == "vllm" and adapter_base(resolve_model(model)):
+    if cfg.sample.backend == "vllm" and adapter_base(resolve_model(model)):
         VLLMSampler.lora_rank(resolve_model(model))  # refuses an adapter vLLM cannot serve, before actors start
-    remote_args = s.actor_resources()
-    if s.backend == "vllm" and s.tensor_parallel_size > 1:
-        remote_args.update(_tensor_parallel_placement(s.tensor_parallel_size))
     return prompts.map_batches(
-        VLLMSampler if s.backend == "vllm" else TransformersSampler,
+        VLLMSampler if cfg.sample.backend == "vllm" else TransformersSampler,
         fn_constructor_kwargs={"spec": SamplerSpec.of(cfg, model, n, max_new_tokens, temperature, seed)},
-        batch_size=s.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=s.num_actors),
-        **remote_args,
+        **sampler_pool(cfg),
     )

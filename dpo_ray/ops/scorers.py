@@ -17,6 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +29,7 @@ from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.logprobs import shared_prompt_batch, shared_prompt_logps
 from dpo_ray.models import ModelSpec, device_for, model_fingerprint, set_torch_threads
-from dpo_ray.ops.samplers import sample_logp_is_exact
+from dpo_ray.ops.samplers import SamplerSpec, TransformersSampler, sample_dataset, sample_logp_is_exact, sampler_pool
 
 
 def _find_malloc_trim():
@@ -149,22 +150,80 @@ class LogProbScorer:
 
 def score_logps(ds: ray.data.Dataset, cfg: PipelineConfig, model: str, columns: dict[str, str],
                 cache: ReferenceCache | None = None, quantize: str | None = None) -> ray.data.Dataset:
+    return ds.map_batches(LogProbScorer, fn_constructor_kwargs={"spec": ScorerSpec.of(cfg, model, columns, cache, quantize)},
+                          **_scorer_pool(cfg))
+
+
+class SampleAndScore:
+    """Ray Data callable: a transformers sampler (or none) and scorers in one actor, each batch through them in turn.
+    Every actor pool costs a process start and a round of torch and transformers imports (6-7 s on two cores), so
+    where a stage needs log-probs under several models (cfg.models_share_actor) one actor holds them all."""
+
+    def __init__(self, sampler: SamplerSpec | None, scorers: tuple[ScorerSpec, ...]):
+        self.steps = [*([TransformersSampler(sampler)] if sampler else []), *map(LogProbScorer, scorers)]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for step in self.steps:
+            batch = step(batch)
+        return batch
+
+
+LogpColumns = Sequence[tuple[str, str]]  # (model, column of its summed log-prob of completion_ids)
+
+
+def _append_sample_logp(batch: pa.Table, columns: list[str]) -> pa.Table:
+    for column in columns:
+        batch = batch.append_column(column, batch["sample_logp"])
+    return batch
+
+
+def _split(cfg: PipelineConfig, columns: LogpColumns, sampled_by: str | None) -> tuple[list[str], tuple]:
+    """The columns the sampler's log-prob gives exactly (those of the model that sampled the rows, where
+    sample_logp_is_exact), and the scorer specs of the others."""
+    exact = [column for model, column in columns if model == sampled_by and sample_logp_is_exact(cfg)]
+    return exact, tuple(ScorerSpec.of(cfg, model, {"completion_ids": column}) for model, column in columns
+                        if column not in exact)
+
+
+def _with_sample_logp(ds: ray.data.Dataset, columns: list[str]) -> ray.data.Dataset:
+    return ds.map_batches(_append_sample_logp, fn_kwargs={"columns": columns}, batch_format="pyarrow") if columns else ds
+
+
+def _scorer_pool(cfg: PipelineConfig) -> dict:
     r = cfg.reference
-    return ds.map_batches(
-        LogProbScorer,
-        fn_constructor_kwargs={"spec": ScorerSpec.of(cfg, model, columns, cache, quantize)},
-        batch_size=max(r.batch_size * 4, 16),
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=r.num_actors),
-        **r.actor_resources(),
-    )
+    return {"batch_size": max(r.batch_size * 4, 16), "batch_format": "pyarrow",
+            "compute": ray.data.ActorPoolStrategy(size=r.num_actors), **r.actor_resources()}
 
 
-def completion_logps_column(ds: ray.data.Dataset, cfg: PipelineConfig, model: str, column: str,
-                            sampled_by: str | None = None) -> ray.data.Dataset:
-    """`ds` with `column` = model's summed log-prob of each row's completion_ids, lazily (a scorer pool starts
-    when the dataset runs). When `model` sampled the rows (`sampled_by`) and the sampler's log-prob is exact, it is
-    taken from sample_logp, not recomputed."""
-    if sampled_by == model and sample_logp_is_exact(cfg):
-        return ds.map_batches(lambda b: b.append_column(column, b["sample_logp"]), batch_format="pyarrow")
-    return score_logps(ds, cfg, model, {"completion_ids": column})
+def completion_logps_columns(ds: ray.data.Dataset, cfg: PipelineConfig, columns: LogpColumns,
+                             sampled_by: str | None = None) -> ray.data.Dataset:
+    """`ds` with, for each (model, column), that model's summed log-prob of every row's completion_ids, lazily.
+    Where `model` sampled the rows (`sampled_by`) and the sampler's log-prob is exact it is taken from sample_logp;
+    the others are scored in one actor pool holding every model (cfg.models_share_actor), or in one pool per model,
+    each but the last materialized so that one model's pool runs at a time."""
+    exact, scorers = _split(cfg, columns, sampled_by)
+    ds = _with_sample_logp(ds, exact)
+    if cfg.models_share_actor and scorers:
+        return ds.map_batches(SampleAndScore, fn_constructor_kwargs={"sampler": None, "scorers": scorers},
+                              **_scorer_pool(cfg))
+    for index, spec in enumerate(scorers):
+        ds = (ds.materialize() if index else ds).map_batches(LogProbScorer, fn_constructor_kwargs={"spec": spec},
+                                                             **_scorer_pool(cfg))
+    return ds
+
+
+def sampled_with_logps(prompts: ray.data.Dataset, cfg: PipelineConfig, model: str, n: int, max_new_tokens: int,
+                       temperature: float, seed: int, columns: LogpColumns) -> ray.data.Dataset:
+    """`model`'s completions of `prompts` (samplers.sample_dataset) with `columns` (completion_logps_columns),
+    lazily: sampled and scored in one actor pool (the sampler's) where models share an actor and the sampler is
+    transformers'. Otherwise the samples are materialized before any scorer: a sampler actor and a scorer actor
+    streaming into each other hold a two-core node's CPUs while the prompts' read task waits for one, and the stage
+    hangs."""
+    if not cfg.models_share_actor or cfg.sample.backend != "transformers":
+        samples = sample_dataset(prompts, cfg, model, n, max_new_tokens, temperature, seed).materialize()
+        return completion_logps_columns(samples, cfg, columns, sampled_by=model)
+    exact, scorers = _split(cfg, columns, model)
+    sampler = SamplerSpec.of(cfg, model, n, max_new_tokens, temperature, seed)
+    return _with_sample_logp(prompts.map_batches(SampleAndScore, **sampler_pool(cfg),
+                                                 fn_constructor_kwargs={"sampler": sampler, "scorers": scorers}),
+                             exact)

@@ -11,6 +11,7 @@ model with the transformers backend, the sampler's identical log-prob). Reported
 - each model's text quality (dpo_ray.quality, keys `policy_*` and `reference_*`): fluency under the baseline,
   distinct-1/2, repeated 3-grams, non-dictionary words, non-word tokens, EOS endings, staying on task; a reward can
   rise while these fall (self-labeling rounds do).
+Without GPUs one actor samples with one model and scores with both (reference.share_actor), two actor pools in all.
 The baseline's side (its samples and their log-probs under it) depends on neither the policy nor the labelers, so
 with reference.cache it is kept under <run.root>/eval_reference_cache/ (reference_side_folder) and a later evaluation
 against the same baseline, prompts, seed and sampling settings (the next round, a frontier variant, a rerun) samples
@@ -40,8 +41,7 @@ from dpo_ray.errors import ConfigError
 from dpo_ray.models import model_fingerprint
 from dpo_ray.ops.prompts import held_out_prompts, read_split
 from dpo_ray.ops.rewards import add_rewards, check_labeler
-from dpo_ray.ops.samplers import sample_dataset
-from dpo_ray.ops.scorers import completion_logps_column
+from dpo_ray.ops.scorers import completion_logps_columns, sampled_with_logps
 from dpo_ray.pairs import build_pairs
 from dpo_ray.quality import MOVIE_REVIEW_WORDS, divergence, text_quality
 from dpo_ray.reports import plot_reward_vs_kl
@@ -146,15 +146,15 @@ def _with_model(ds: ray.data.Dataset, name: str) -> ray.data.Dataset:
     return ds.map_batches(lambda b: b.append_column("model", pa.array([name] * b.num_rows)), batch_format="pyarrow")
 
 
-def _sampled(cfg: PipelineConfig, eval_prompts: ray.data.Dataset, name: str, model: str) -> ray.data.Dataset:
-    """`model`'s samples of the held-out prompts with its own log-prob as `<name>_logp`, lazily after the sampler."""
+def _sampled(cfg: PipelineConfig, eval_prompts: ray.data.Dataset, name: str, model: str,
+             other: str) -> ray.data.Dataset:
+    """`model`'s samples of the held-out prompts, named `name` in the `model` column, with both models' log-probs
+    (`policy_logp`, `reference_logp`), materialized."""
     e, s = cfg.evaluate, cfg.sample
-    ds = sample_dataset(eval_prompts, cfg, model, e.samples_per_prompt, e.max_new_tokens or s.max_new_tokens,
-                        e.temperature, cfg.held_out_seed + 1)
-    # Materialized before any scorer: a sampler actor and a scorer actor streaming into each other hold a two-core
-    # node's CPUs while the prompts' read task waits for one, and the stage hangs.
-    ds = _with_model(ds, name).materialize()
-    return completion_logps_column(ds, cfg, model, f"{name}_logp", sampled_by=model)
+    other_name = "reference" if name == "policy" else "policy"
+    ds = sampled_with_logps(eval_prompts, cfg, model, e.samples_per_prompt, e.max_new_tokens or s.max_new_tokens,
+                            e.temperature, cfg.held_out_seed + 1, [(model, f"{name}_logp"), (other, f"{other_name}_logp")])
+    return _with_model(ds, name).materialize()
 
 
 def reference_side_folder(cfg: PipelineConfig, prompts_path: Path) -> Path:
@@ -171,21 +171,22 @@ def reference_side_folder(cfg: PipelineConfig, prompts_path: Path) -> Path:
     return Path(cfg.run.root).resolve() / "eval_reference_cache" / key
 
 
-def _reference_side(cfg: PipelineConfig, eval_prompts: ray.data.Dataset,
-                    prompts_path: Path) -> tuple[ray.data.Dataset, bool]:
-    """The baseline's samples with `reference_logp` (schemas.EVAL_REFERENCE), and whether they came from the cache.
-    With reference.cache, what is sampled is kept for the next evaluation against the same baseline (later rounds,
-    frontier variants, reruns), published by a rename so a reader never sees part of it."""
+def _reference_side(cfg: PipelineConfig, eval_prompts: ray.data.Dataset, prompts_path: Path,
+                    policy: str) -> tuple[ray.data.Dataset, bool]:
+    """The baseline's samples with both models' log-probs, and whether they came from the cache. With
+    reference.cache, the samples and the baseline's log-probs (schemas.EVAL_REFERENCE) are kept for the next
+    evaluation against the same baseline (later rounds, frontier variants, reruns), published by a rename so a
+    reader never sees part of them."""
     folder = reference_side_folder(cfg, prompts_path)
     if cfg.reference.cache and folder.is_dir():
         schemas.check_folder(folder, schemas.EVAL_REFERENCE)
-        return ray.data.read_parquet(str(folder)).materialize(), True
-    ds = _sampled(cfg, eval_prompts, "reference", cfg.baseline_model)
-    ds = ds.map_batches(lambda b: b.select(schemas.EVAL_REFERENCE.names).cast(schemas.EVAL_REFERENCE),
-                        batch_format="pyarrow").materialize()
+        cached = ray.data.read_parquet(str(folder)).materialize()
+        return completion_logps_columns(cached, cfg, [(policy, "policy_logp")]).materialize(), True
+    ds = _sampled(cfg, eval_prompts, "reference", cfg.baseline_model, policy)
     if cfg.reference.cache:
         partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
-        ds.write_parquet(str(partial))
+        ds.map_batches(lambda b: b.select(schemas.EVAL_REFERENCE.names).cast(schemas.EVAL_REFERENCE),
+                       batch_format="pyarrow").write_parquet(str(partial))
         try:
             os.replace(partial, folder)
         except OSError:  # another evaluation published the same samples first
@@ -198,13 +199,9 @@ def _samples(cfg: PipelineConfig, prompts_path: Path, policy: str) -> tuple[ray.
     baseline's side came from the cache."""
     e = cfg.evaluate
     eval_prompts = read_split(prompts_path, "eval")
-    reference, cached = _reference_side(cfg, eval_prompts, prompts_path)
-    policy_samples = _sampled(cfg, eval_prompts, "policy", policy).materialize()
-    # One dataset: the baseline scores the policy's samples while the policy scores the baseline's, so both actor
-    # pools start at once where the cluster has room for both (Ray starts an actor only when its resources are
-    # free, so a smaller node runs them one after the other). Their inputs are materialized: no task waits upstream.
-    both = completion_logps_column(policy_samples, cfg, cfg.baseline_model, "reference_logp").union(
-        completion_logps_column(reference, cfg, policy, "policy_logp"))
+    reference, cached = _reference_side(cfg, eval_prompts, prompts_path, policy)
+    # Each side materialized: one actor pool at a time, and no task waits upstream of one.
+    both = _sampled(cfg, eval_prompts, "policy", policy, cfg.baseline_model).union(reference)
     judged = add_rewards(both.materialize(), cfg, e.labeler or cfg.label.labeler)
     for name in e.audit_labelers:
         # Materialized first, as in label: one scorer's actor pool at a time.
