@@ -150,8 +150,8 @@ class LogProbScorer:
 
 def score_logps(ds: ray.data.Dataset, cfg: PipelineConfig, model: str, columns: dict[str, str],
                 cache: ReferenceCache | None = None, quantize: str | None = None) -> ray.data.Dataset:
-    return ds.map_batches(LogProbScorer, fn_constructor_kwargs={"spec": ScorerSpec.of(cfg, model, columns, cache, quantize)},
-                          **_scorer_pool(cfg))
+    spec = ScorerSpec.of(cfg, model, columns, cache, quantize)
+    return ds.map_batches(LogProbScorer, fn_constructor_kwargs={"spec": spec}, **_scorer_pool(cfg))
 
 
 class SampleAndScore:
@@ -186,7 +186,9 @@ def _split(cfg: PipelineConfig, columns: LogpColumns, sampled_by: str | None) ->
 
 
 def _with_sample_logp(ds: ray.data.Dataset, columns: list[str]) -> ray.data.Dataset:
-    return ds.map_batches(_append_sample_logp, fn_kwargs={"columns": columns}, batch_format="pyarrow") if columns else ds
+    if not columns:
+        return ds
+    return ds.map_batches(_append_sample_logp, fn_kwargs={"columns": columns}, batch_format="pyarrow")
 
 
 def _scorer_pool(cfg: PipelineConfig) -> dict:

@@ -151,9 +151,9 @@ def _sampled(cfg: PipelineConfig, eval_prompts: ray.data.Dataset, name: str, mod
     """`model`'s samples of the held-out prompts, named `name` in the `model` column, with both models' log-probs
     (`policy_logp`, `reference_logp`), materialized."""
     e, s = cfg.evaluate, cfg.sample
-    other_name = "reference" if name == "policy" else "policy"
+    logps = [(model, f"{name}_logp"), (other, "reference_logp" if name == "policy" else "policy_logp")]
     ds = sampled_with_logps(eval_prompts, cfg, model, e.samples_per_prompt, e.max_new_tokens or s.max_new_tokens,
-                            e.temperature, cfg.held_out_seed + 1, [(model, f"{name}_logp"), (other, f"{other_name}_logp")])
+                            e.temperature, cfg.held_out_seed + 1, logps)
     return _with_model(ds, name).materialize()
 
 
