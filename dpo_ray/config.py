@@ -217,8 +217,8 @@ class ReferenceConfig(_ActorPool):
     replay_share: float = Field(0.0, ge=0, lt=1)
     # Where a stage needs log-probs under several models (evaluate, the KL-budget probes, the implicit labeler), one
     # actor holds them all (and the transformers sampler too, where it samples the rows): one process start and one
-    # round of imports instead of one per model, 6-7 s each on two cores. None: shared unless the stage asks for a
-    # GPU, whose memory then holds one model per actor.
+    # round of imports instead of one per model, 6-7 s each on two cores. None: shared unless sample or reference
+    # asks for GPUs (gpus_per_actor), whose memory then holds one model per actor.
     share_actor: bool | None = None
 
 

@@ -250,6 +250,15 @@ def test_requests_that_fit_pass_and_gpu_clusters_take_gpu_configs():
     check_resources(gpu, {"CPU": 64.0, "GPU": 8.0}, {"CPU": 32.0, "GPU": 4.0})
 
 
+def test_models_share_an_actor_unless_a_sampler_or_scorer_asks_for_a_gpu():
+    assert load_config(None, []).models_share_actor
+    assert load_config("configs/gpu.yaml", []).models_share_actor is False
+    assert load_config(None, ["sample.gpus_per_actor=1"]).models_share_actor is False
+    assert load_config(None, ["reference.gpus_per_actor=0.5"]).models_share_actor is False
+    assert load_config(None, ["reference.gpus_per_actor=1", "reference.share_actor=true"]).models_share_actor
+    assert load_config(None, ["reference.share_actor=false"]).models_share_actor is False
+
+
 def test_custom_resources_place_stages_and_are_checked_at_load():
     cfg = load_config(None, ["sample.resources={sampler: 1}", "reference.resources={sampler: 0.5}",
                              "train.resources={trainer: 1}"])
