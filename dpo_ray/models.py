@@ -224,6 +224,14 @@ def _load_quantized(path: str, dtype: str, device: str | torch.device, trust_rem
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=_DTYPES[dtype], quantization_config=config, device_map={"": torch.device(device)},
         trust_remote_code=trust_remote_code, use_safetensors=True)
+    # On CPUs with AVX512-BF16, bitsandbytes runs a 4-bit layer in eval mode without gradients (the reference stage)
+    # through a bf16 kernel, and in training through float32: the reference log-probs then differed from the step-0
+    # policy's by up to 4e-3 nats a sequence on the tiny model. Both through float32, as on other CPUs.
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     # Gradient checkpointing is the train stage's own choice (train.gradient_checkpointing).
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
