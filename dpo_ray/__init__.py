@@ -35,3 +35,6 @@ def _to_stdout(name: str, fmt: str) -> None:
 _to_stdout("dpo_ray", "[dpo-ray] %(message)s")
 # Tables and the closing summary, printed as they are.
 _to_stdout("dpo_ray.report", "%(message)s")
+# bitsandbytes warns at import, on CPUs with AVX512-BF16, that its fused bf16 4-bit kernel (the `kernels` package) is
+# missing; models.load_causal_lm turns that kernel off for every 4-bit layer, so the warning is noise in every run.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
