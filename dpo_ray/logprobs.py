@@ -13,9 +13,18 @@ log p(t) = logit_t - logsumexp(logits), computed in fp32 whatever the model dtyp
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Sequence
 
 import torch
+
+
+def precision(dtype: str, device: torch.device) -> AbstractContextManager:
+    """What a model's forward runs in for model.dtype `dtype`: bf16 autocast for bf16-mixed (its matmuls in bf16,
+    weights and the log-softmax that follows in float32), nothing for the others, whose weights set the dtype."""
+    if dtype == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def pad_batch(
@@ -191,9 +200,11 @@ class SequenceScorer(torch.nn.Module):
     parameter gathering on the path that actually computes the loss.
     """
 
-    def __init__(self, lm: torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, dtype: str = "float32"):
         super().__init__()
         self.lm = lm
+        self.dtype = dtype  # model.dtype: bf16-mixed runs the forward under bf16 autocast
 
     def forward(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return shared_prompt_logps(self.lm, **batch)
+        with precision(self.dtype, batch["prompt_ids"].device):
+            return shared_prompt_logps(self.lm, **batch)

@@ -47,7 +47,8 @@ from dpo_ray.errors import ModelError
 GIB = 2**30
 # DeepSpeed's defaults for what we leave unset (deepspeed/runtime/zero/config.py).
 _REDUCE_BUCKET_ELEMENTS = 500_000_000
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# bf16-mixed: float32 weights, gradients and optimizer; its bf16 activations are counted as float32 (an upper bound).
+_DTYPE_BYTES = {"float32": 4, "bf16-mixed": 4, "bfloat16": 2, "float16": 2}
 _NF4_BYTES = 0.5 + 4 / 64
 
 

@@ -23,7 +23,8 @@ from dpo_ray.config import BUILTIN_SMOLLM2, BUILTIN_TINY
 from dpo_ray.errors import ModelError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The weights' dtype of each model.dtype: bf16-mixed keeps float32 weights and runs matmuls in bf16 (`logprobs.precision`).
+_DTYPES = {"float32": torch.float32, "bf16-mixed": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_dir() -> Path:
@@ -206,6 +207,13 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: str | torch.device
         path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
     )
     return model.to(device)
+
+
+def sampling_dtype(dtype: str) -> str:
+    """The weights a sampler loads for model.dtype `dtype`. bf16-mixed samples on bf16 weights: sampling updates no
+    weights, and on an AMX CPU bf16 weights decoded 1.5x faster than float32 while bf16 autocast decoded slower
+    (benchmarks/precision.py)."""
+    return "bfloat16" if dtype == "bf16-mixed" else dtype
 
 
 def require_bitsandbytes() -> None:

@@ -304,3 +304,30 @@ def test_config_files_that_are_empty_a_folder_or_repeat_a_section(tmp_path):
     twice.write_text("train:\n  beta: 0.1\nsample:\n  n: 4\ntrain:\n  lr: 1.0e-5\n")
     with pytest.raises(ConfigError, match=r"twice\.yaml: line 5: duplicate key 'train' \(YAML would silently keep"):
         load_config(twice)
+
+
+@pytest.mark.parametrize("units, overrides, dtype", [
+    (["amx_bf16", "avx512_bf16"], [], "bf16-mixed"),
+    (["avx512_bf16"], [], "bf16-mixed"),
+    ([], [], "float32"),  # bf16 is emulated there, slower than float32
+    ([], ["train.use_gpu=true"], "bfloat16"),
+    (["amx_bf16"], ["train.use_gpu=true"], "bfloat16"),
+    (["amx_bf16"], ["sample.gpus_per_actor=1"], "float32"),  # a CPU trainer beside GPU samplers
+    (["amx_bf16"], ["train.strategy=deepspeed"], "float32"),
+    (["amx_bf16"], ["train.lora={quantize: nf4}"], "float32"),
+])
+def test_auto_dtype_takes_bf16_matmuls_where_the_cpu_has_them(monkeypatch, units, overrides, dtype):
+    import dpo_ray.config
+
+    monkeypatch.setattr(dpo_ray.config, "bf16_matmul_units", lambda: units)
+    assert load_config(None, ["model.dtype=auto", *overrides]).model.dtype == dtype
+    # The resolved dtype is what a dumped config (a round's, a run folder's) holds: loading it again keeps it.
+    assert load_config(None, [*overrides, f"model.dtype={dtype}"]).model.dtype == dtype
+    assert load_config(None, overrides).model.dtype == "float32"  # the default names float32 on every machine
+
+
+@pytest.mark.parametrize("override", ["sample.gpus_per_actor=1", "train.strategy=deepspeed",
+                                      "train.lora={quantize: nf4}"])
+def test_bf16_mixed_where_it_cannot_run_is_a_config_error(override):
+    assert config_error(["model.dtype=bf16-mixed", override]).startswith("model.dtype: bf16-mixed ")
+

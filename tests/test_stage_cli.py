@@ -210,6 +210,27 @@ def test_train_and_evaluate_stages_alone(chain):
             assert row[column] == pytest.approx(split[key][column], abs=1e-4), (key, column)
 
 
+def test_bf16_mixed_runs_every_stage(chain, tmp_path):
+    """model.dtype=bf16-mixed, which auto picks on CPUs with AMX or AVX512-BF16: every stage's forward under bf16
+    autocast (emulated on other CPUs, so this runs anywhere), finite log-probs, the policy published in float32."""
+    import numpy as np
+    from safetensors import safe_open
+
+    _, common = chain
+    main(["run", *common, f"run.root={tmp_path}", "model.dtype=bf16-mixed", "train.epochs=1"])
+    run = tmp_path / "tiny"
+    assert all(read_manifest(run / stage) for stage in ("sample", "label", "reference", "train", "evaluate"))
+    reference = schemas.read_table(run / "reference", schemas.REFERENCE)
+    logps = np.concatenate([reference[c].to_numpy() for c in schemas.REFERENCE_COLUMNS])
+    assert np.isfinite(logps).all() and (logps < 0).all()
+    with safe_open(run / "train" / "policy" / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.float32}
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    assert all(math.isfinite(metrics[k]) for k in ("policy_reward", "win_rate", "kl"))
+    # The reference cache keeps bf16-mixed's log-probs apart from float32's.
+    assert any(p.name.endswith("-bf16-mixed") for p in (tmp_path / "reference_cache").iterdir())
+
+
 def test_reference_free_losses_train_on_the_label_stages_pairs(chain, capsys, tmp_path):
     """simpo and orpo need no reference log-probs: train reads the label stage's pairs directly. A loss that needs
     them, given the same pairs, fails in one line naming the missing column and what to do."""

@@ -27,7 +27,7 @@ import torch
 
 from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
-from dpo_ray.logprobs import shared_prompt_batch, shared_prompt_logps
+from dpo_ray.logprobs import precision, shared_prompt_batch, shared_prompt_logps
 from dpo_ray.models import ModelSpec, device_for, model_fingerprint, set_torch_threads
 from dpo_ray.ops.samplers import SamplerSpec, TransformersSampler, sample_dataset, sample_logp_is_exact, sampler_pool
 
@@ -134,7 +134,8 @@ class LogProbScorer:
         for start in range(0, len(order), size):
             rows = order[start : start + size]
             tensors = shared_prompt_batch([prompts[r] for r in rows], [completions[r] for r in rows], self.pad_id)
-            sums, _ = shared_prompt_logps(self.model, **{k: t.to(self.device) for k, t in tensors.items()})
+            with precision(self.spec.model.dtype, self.device):
+                sums, _ = shared_prompt_logps(self.model, **{k: t.to(self.device) for k, t in tensors.items()})
             for i, r in enumerate(rows):
                 results[r] = sums[i * len(columns) : (i + 1) * len(columns)].tolist()
         for index, out in enumerate(columns.values()):

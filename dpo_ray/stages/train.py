@@ -200,7 +200,7 @@ def setup(spec: WorkerSpec) -> Worker:
     if t.gradient_checkpointing:
         # Non-reentrant: the reentrant form drops the gradient of inputs that need none, as embeddings' outputs.
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    scorer = SequenceScorer(lm)
+    scorer = SequenceScorer(lm, spec.model.dtype)
     per_worker = t.batch_size // world
     engine: TrainEngine
     if t.strategy == "deepspeed":
