@@ -23,7 +23,7 @@ from dpo_ray.config import BUILTIN_SMOLLM2, BUILTIN_TINY
 from dpo_ray.errors import ModelError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The weights' dtype of each model.dtype: bf16-mixed keeps float32 weights and runs matmuls in bf16 (`logprobs.precision`).
+# The weights' dtype of each model.dtype: bf16-mixed keeps float32 weights, its matmuls in bf16 (logprobs.precision).
 _DTYPES = {"float32": torch.float32, "bf16-mixed": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
