@@ -157,8 +157,8 @@ def main() -> None:
     }
     result["speedup_bf16_mixed_over_float32"] = ratios
     common.log(f"train losses: float32 {losses['float32']}, bf16-mixed {losses['bf16-mixed']}")
-    gaps = result["reference"]
-    common.log(f"reference log-prob gap {gaps['logp_gap']}, margin gap {gaps['margin_gap']}")
+    reference = result["reference"]
+    common.log(f"reference log-prob gap {reference['logp_gap']}, margin gap {reference['margin_gap']}")
     common.log("bf16-mixed over float32: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     common.log(f"wrote {common.write_result('precision', result)}")
 
