@@ -7,7 +7,7 @@ tokens that were sampled; nothing downstream re-tokenizes a completion.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -117,6 +117,12 @@ def _parquet_dataset(path: str | Path) -> pq.ParquetDataset:
     if not files:
         raise SchemaError(f"{path}: no Parquet files (the stage wrote no rows)")
     return pq.ParquetDataset(files)
+
+
+def iter_batches(path: str | Path, columns: Sequence[str], rows: int = 8192) -> Iterator[pa.RecordBatch]:
+    """`columns` of a Parquet file or folder of part files, `rows` at a time: memory holds one batch."""
+    for file in _parquet_dataset(path).files:
+        yield from pq.ParquetFile(file).iter_batches(batch_size=rows, columns=list(columns))
 
 
 def check_folder(path: str | Path, schema: pa.Schema) -> None:

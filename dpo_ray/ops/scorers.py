@@ -6,7 +6,9 @@ pairs with it, the label and evaluate stages score completions under any model.
 A fixed reference is never asked twice about the same sequence: every (prompt_ids, completion_ids) the reference
 stage scores is kept in a `ReferenceCache` under the run root, keyed by its token ids and the reference model's
 fingerprint, dtype and quantization (QLoRA's 4-bit reference, train.lora.quantize), so a later round, a relabeled
-rerun or another run sharing the reference only scores pairs it has not seen.
+rerun or another run sharing the reference only scores pairs it has not seen. The stage looks up only its own
+sequences (`ReferenceCache.lookup`, streaming the cache files) and hands the matches to its scorer actors, so no
+process holds the whole cache, however many runs and rounds have added to it.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import torch
@@ -66,12 +69,18 @@ class ReferenceCache:
             name += f"-{cfg.reference_quantize}"
         return cls(Path(cfg.run.root).resolve() / "reference_cache" / name)
 
-    def load(self) -> dict[bytes, float]:
-        known: dict[bytes, float] = {}
-        for path in sorted(self.folder.glob("*.parquet")):
-            table = schemas.read_table(path, schemas.REFERENCE_CACHE)
-            known.update(zip(table["sequence_key"].to_pylist(), table["logp"].to_pylist()))
-        return known
+    def lookup(self, keys: Iterable[bytes]) -> pa.Table:
+        """The cached rows (`schemas.REFERENCE_CACHE`) of `keys`. The files are read one row group at a time and
+        only matches are kept, so memory follows `keys` (one stage's sequences), not everything ever scored under
+        the run root (benchmarks/reference_cache.py)."""
+        wanted = pa.array(set(keys), pa.binary(16))
+        found = []
+        for path in sorted(self.folder.glob("*.parquet")) if len(wanted) else ():
+            parquet = pq.ParquetFile(path)
+            schemas.check_schema(parquet.schema_arrow, schemas.REFERENCE_CACHE, path)
+            for batch in parquet.iter_batches(columns=schemas.REFERENCE_CACHE.names):
+                found.append(batch.filter(pc.is_in(batch["sequence_key"], value_set=wanted)))
+        return pa.Table.from_batches(found, schemas.REFERENCE_CACHE)
 
     def add(self, keys: list[bytes], logps: list[float], name: str) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -83,25 +92,24 @@ class ReferenceCache:
 @dataclass(frozen=True)
 class ScorerSpec:
     """What a scorer actor reads: the model, which token-id column goes to which log-prob column, the forward
-    batch size and the reference cache to take known sequences from (None: score every row)."""
+    batch size and the log-probs already known of some sequences (`ReferenceCache.lookup`; None: none)."""
 
     model: ModelSpec
     columns: dict[str, str]
     batch_size: int
-    cache_dir: str | None = None
+    known: pa.Table | None = None
 
     @classmethod
     def of(cls, cfg: PipelineConfig, model: str, columns: dict[str, str],
-           cache: ReferenceCache | None = None, quantize: str | None = None) -> "ScorerSpec":
-        return cls(ModelSpec.of(cfg, model, quantize), columns, cfg.reference.batch_size,
-                   str(cache.folder) if cache else None)
+           known: pa.Table | None = None, quantize: str | None = None) -> "ScorerSpec":
+        return cls(ModelSpec.of(cfg, model, quantize), columns, cfg.reference.batch_size, known)
 
 
 class LogProbScorer:
     """Ray Data callable: appends, for each (token-id column -> output column), the summed completion log-prob
     of `prompt_ids` + that column under one model. A row's completions share one prompt forward (its KV cache);
-    rows are length-sorted into forward batches to cut padding. Rows whose every sequence is in the spec's cache
-    take the cached values and are not run through the model."""
+    rows are length-sorted into forward batches to cut padding. Rows whose every sequence the spec knows take the
+    known values and are not run through the model."""
 
     def __init__(self, spec: ScorerSpec):
         set_torch_threads(spec.model.torch_threads)
@@ -109,7 +117,8 @@ class LogProbScorer:
         self.device = device_for(ray.get_gpu_ids())
         self.model = spec.model.load_causal_lm(self.device).eval()
         self.pad_id = spec.model.load_tokenizer().pad_token_id
-        self.known = ReferenceCache(Path(spec.cache_dir)).load() if spec.cache_dir else {}
+        known = spec.known if spec.known is not None else schemas.REFERENCE_CACHE.empty_table()
+        self.known = dict(zip(known["sequence_key"].to_pylist(), known["logp"].to_pylist()))
 
     def _uncached_rows(self, prompts: list, completions: list, results: list) -> list[int]:
         """Rows to run through the model; the others get their cached values in `results`."""
@@ -150,8 +159,8 @@ class LogProbScorer:
 
 
 def score_logps(ds: ray.data.Dataset, cfg: PipelineConfig, model: str, columns: dict[str, str],
-                cache: ReferenceCache | None = None, quantize: str | None = None) -> ray.data.Dataset:
-    spec = ScorerSpec.of(cfg, model, columns, cache, quantize)
+                known: pa.Table | None = None, quantize: str | None = None) -> ray.data.Dataset:
+    spec = ScorerSpec.of(cfg, model, columns, known, quantize)
     return ds.map_batches(LogProbScorer, fn_constructor_kwargs={"spec": spec}, **_scorer_pool(cfg))
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-
+from itertools import chain
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from dpo_ray import keys, schemas
@@ -58,33 +57,45 @@ def _replayed(cfg: PipelineConfig, folders: list[Path], new_pairs: int) -> tuple
     return chosen, {"replayed_pairs": chosen.num_rows, "replay_pool": pool.num_rows}
 
 
+def _side_keys(batch: pa.RecordBatch | pa.Table) -> list[tuple[bytes, ...]]:
+    """Each pair's sequence keys, one per side of _SIDES."""
+    columns = batch.select(["prompt_ids", *_SIDES]).to_pydict()
+    return [tuple(sequence_key(prompt, columns[side][r]) for side in _SIDES)
+            for r, prompt in enumerate(columns["prompt_ids"])]
+
+
+def _known(cache: ReferenceCache, pairs: Path, replayed: pa.Table | None) -> pa.Table:
+    """What the cache holds of these pairs' sequences; the pairs are streamed, one row group at a time."""
+    batches = chain(schemas.iter_batches(pairs, ["prompt_ids", *_SIDES]), replayed.to_batches() if replayed else ())
+    return cache.lookup(key for batch in batches for keys in _side_keys(batch) for key in keys)
+
+
 def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
-    cache = ReferenceCache.of(cfg) if cfg.reference.cache else None
-    known = cache.load() if cache else {}
     pairs = ray.data.read_parquet(str(ctx.sources["pairs"]))
     replayed, stats = _replayed(cfg, ctx.sources.get("replay", []), pairs.count())
     if replayed is not None:
         pairs = pairs.union(ray.data.from_arrow(replayed))
-    scored = score_logps(pairs, cfg, cfg.reference_model, _SIDES, cache, cfg.reference_quantize)
+    cache = ReferenceCache.of(cfg) if cfg.reference.cache else None
+    known = _known(cache, ctx.sources["pairs"], replayed) if cache else None
+    scored = score_logps(pairs, cfg, cfg.reference_model, _SIDES, known, cfg.reference_quantize)
     scored.write_parquet(str(ctx.out))
     # Streamed back one row group at a time: the statistics, and the sequences the cache does not have yet.
     stats.update({"pairs": 0, "nonfinite_pairs": 0, "pairs_from_cache": 0})
+    cached = dict(zip(known["sequence_key"].to_pylist(), known["logp"].to_pylist())) if cache else {}
     fresh: dict[bytes, float] = {}
-    for path in sorted(ctx.out.glob("*.parquet")):
-        for batch in pq.ParquetFile(path).iter_batches(columns=["prompt_ids", *_SIDES, *_SIDES.values()]):
-            stats["pairs"] += batch.num_rows
-            finite = pc.and_(pc.is_finite(batch["ref_chosen_logps"]), pc.is_finite(batch["ref_rejected_logps"]))
-            stats["nonfinite_pairs"] += batch.num_rows - (pc.sum(finite).as_py() or 0)
-            if cache is None:
-                continue
-            columns = batch.to_pydict()
-            for r, prompt in enumerate(columns["prompt_ids"]):
-                sequences = [sequence_key(prompt, columns[side][r]) for side in _SIDES]
-                stats["pairs_from_cache"] += all(k in known for k in sequences)
-                for key, out in zip(sequences, _SIDES.values()):
-                    if key not in known and math.isfinite(columns[out][r]):
-                        fresh[key] = columns[out][r]
+    for batch in schemas.iter_batches(ctx.out, ["prompt_ids", *_SIDES, *_SIDES.values()]):
+        stats["pairs"] += batch.num_rows
+        finite = pc.and_(pc.is_finite(batch["ref_chosen_logps"]), pc.is_finite(batch["ref_rejected_logps"]))
+        stats["nonfinite_pairs"] += batch.num_rows - (pc.sum(finite).as_py() or 0)
+        if cache is None:
+            continue
+        logps = batch.select(list(_SIDES.values())).to_pydict()
+        for r, sequences in enumerate(_side_keys(batch)):
+            stats["pairs_from_cache"] += all(k in cached for k in sequences)
+            for key, out in zip(sequences, _SIDES.values()):
+                if key not in cached and math.isfinite(logps[out][r]):
+                    fresh[key] = logps[out][r]
     if fresh:
         cache.add(list(fresh), list(fresh.values()), hashlib.sha1(b"".join(fresh)).hexdigest()[:16])
     return stats
