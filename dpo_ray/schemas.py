@@ -112,16 +112,21 @@ def check_schema(table_or_schema: pa.Table | pa.Schema, schema: pa.Schema, where
             raise SchemaError(f"{where}: column {field.name!r} has type {got}, expected {field.type}")
 
 
-def _parquet_dataset(path: str | Path) -> pq.ParquetDataset:
+def parquet_files(path: str | Path) -> list[str]:
+    """A Parquet file, or the part files of a folder in name order; SchemaError where a folder has none."""
     files = sorted(str(p) for p in Path(path).glob("*.parquet")) if Path(path).is_dir() else [str(path)]
     if not files:
         raise SchemaError(f"{path}: no Parquet files (the stage wrote no rows)")
-    return pq.ParquetDataset(files)
+    return files
+
+
+def _parquet_dataset(path: str | Path) -> pq.ParquetDataset:
+    return pq.ParquetDataset(parquet_files(path))
 
 
 def iter_batches(path: str | Path, columns: Sequence[str], rows: int = 8192) -> Iterator[pa.RecordBatch]:
     """`columns` of a Parquet file or folder of part files, `rows` at a time: memory holds one batch."""
-    for file in _parquet_dataset(path).files:
+    for file in parquet_files(path):
         yield from pq.ParquetFile(file).iter_batches(batch_size=rows, columns=list(columns))
 
 

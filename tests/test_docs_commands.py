@@ -108,6 +108,9 @@ def test_readme_ray_job_then_mlflow_ui(no_ray_in_this_process, default_agent_por
     for stage in ("sample", "label", "reference", "train", "evaluate"):
         assert read_manifest(run_dir / stage), f"{stage} not published under the checkout's runs/"
     assert f"run dir:        {run_dir}" in proc.stdout
+    # Each training step's line reaches the user's console once (Ray Train's print patch used to double it).
+    steps = [line.split("[train] ", 1)[1] for line in proc.stdout.splitlines() if "[train] step" in line]
+    assert steps and len(steps) == len(set(steps)), steps
 
     # The README's next block, on the MLflow store the job wrote to.
     ui = subprocess.Popen(["bash", "-c", "exec " + _block(".venv/bin/mlflow ui").strip()], cwd=REPO,

@@ -48,6 +48,9 @@ def test_every_stage_published_with_manifest(tiny_run):
         assert len(manifest["key"]) == 64
         assert f"[dpo-ray] {stage}: running" in first.stdout
     assert not list(run_dir.glob(".*.partial"))
+    train = read_manifest(run_dir / "train")
+    # The steps' own time, a part of the stage's (the rest is its fixed cost).
+    assert 0 < train["stats"]["step_seconds"] < train["seconds"]
 
 
 def test_parquet_outputs_match_their_schemas(tiny_run):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -40,6 +41,21 @@ def reference_dir(tmp_path_factory):
         ray.init(address="local", num_cpus=2)
     yield path
     ray.shutdown()
+
+
+def test_the_driver_and_ray_data_put_pairs_in_the_same_seeded_order(reference_dir, tmp_path):
+    """A small reference output is ordered in the driver, a large one by Ray Data's sort: the same rows in the same
+    order, whatever files hold them."""
+    from dpo_ray.stages.train import _seeded_order
+
+    table = pq.read_table(reference_dir)
+    for i, start in enumerate(range(0, table.num_rows, 6)):  # three files, in another order than the pairs'
+        pq.write_table(table.slice(start, 6), tmp_path / f"part-{9 - i}.parquet")
+    for seed in (0, 7):
+        in_driver = pa.concat_tables(ray.get(_seeded_order(str(tmp_path), seed).to_arrow_refs()))
+        by_ray = pa.concat_tables(ray.get(_seeded_order(str(tmp_path), seed, driver_bytes=0).to_arrow_refs()))
+        assert in_driver.num_rows == table.num_rows and in_driver.equals(by_ray.select(in_driver.column_names))
+    assert in_driver["pair_id"].to_pylist() != table["pair_id"].to_pylist()
 
 
 # Each training strategy, for the tests that run under all of them.

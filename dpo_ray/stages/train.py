@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.train
 import ray.train.torch
@@ -60,6 +62,8 @@ class NonFiniteError(TrainingError):
 _ORDER_KEY = "_order"
 # Rows per block of the training dataset (token ids, a few KiB a pair): small enough to stream to a worker.
 _PAIRS_PER_BLOCK = 1024
+# The largest reference output (Parquet bytes) the driver puts in its seeded order itself (_seeded_order).
+_DRIVER_ORDER_BYTES = 64 * 2**20
 
 
 def with_order_key(batch: pa.Table, seed: int) -> pa.Table:
@@ -120,6 +124,13 @@ def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def _say(line: str) -> None:
+    # Ray Train replaces print() in its workers with one that logs the line and, where sys.stdout is not the
+    # process's own stream (it is not in a Ray worker), prints it as well: the console showed every line twice.
+    # A line written to the process's own stdout is printed once, and Ray still forwards it to the driver.
+    print(line, file=sys.__stdout__, flush=True)
+
+
 def _format_eta(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
@@ -158,6 +169,9 @@ class TrainState:
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
     tokens: float = 0
+    # The optimizer steps' own wall time, summed: the stage's seconds beyond it are fixed costs (start-up, data,
+    # checkpoints, publishing).
+    step_seconds: float = 0
     # Carried into every later checkpoint, so the stage's stats record each interruption it recovered from.
     resumed_from: list[int] = field(default_factory=list)
 
@@ -226,7 +240,7 @@ def resume(worker: Worker) -> TrainState:
         state = TrainState(**json.loads((Path(path) / "trainer_state.json").read_text()))
     state.resumed_from.append(state.step)
     if worker.rank == 0:
-        print(f"[train] resumed from step {state.step}", flush=True)
+        _say(f"[train] resumed from step {state.step}")
     return state
 
 
@@ -258,6 +272,7 @@ def train_step(worker: Worker, state: TrainState, epoch: int, batch: dict[str, n
     step_tokens = reduced[-1]
     state.tokens += step_tokens
     elapsed = time.time() - started
+    state.step_seconds += elapsed
     metrics.update({
         "grad_norm": grad_norm, "learning_rate": worker.engine.lr(), "tokens_per_s": step_tokens / elapsed,
         "pairs_per_s": t.batch_size / elapsed, "epoch": epoch, "nonfinite_steps": state.nonfinite_steps,
@@ -289,9 +304,9 @@ def log_step(worker: Worker, state: TrainState, metrics: dict[str, float], eta: 
     """Rank 0 prints the step's line and logs its metrics to the stage's MLflow run."""
     if worker.rank != 0:
         return
-    print(f"[train] step {state.step}/{worker.spec.total_steps} loss {metrics['loss']:.4f} "
-          f"acc {metrics['rewards/accuracies']:.2f} margin {metrics['rewards/margins']:.3f} "
-          f"{metrics['tokens_per_s']:.0f} tok/s ETA {_format_eta(eta)}", flush=True)
+    _say(f"[train] step {state.step}/{worker.spec.total_steps} loss {metrics['loss']:.4f} "
+         f"acc {metrics['rewards/accuracies']:.2f} margin {metrics['rewards/margins']:.3f} "
+         f"{metrics['tokens_per_s']:.0f} tok/s ETA {_format_eta(eta)}")
     if worker.tracker:
         from mlflow.entities import Metric
 
@@ -375,7 +390,7 @@ def run(ctx: StageContext) -> dict:
              if isinstance(v, (int, float)) and k not in ("step", "nonfinite_steps")}
     return {**final, "pairs": pairs, "pairs_repeated_per_epoch": repeated, "steps": state["step"],
             "nonfinite_steps": state["nonfinite_steps"], "tokens": state["tokens"],
-            "resumed_from": state["resumed_from"], **budget}
+            "step_seconds": state.get("step_seconds", 0.0), "resumed_from": state["resumed_from"], **budget}
 
 
 def publish_policy(trained: Path, out: Path, cfg: PipelineConfig) -> None:
@@ -415,11 +430,16 @@ def _prune(checkpoints: dict[int, ray.train.Checkpoint], keep: set[int]) -> int:
     return len(pruned)
 
 
-def _seeded_order(reference_path: str, seed: int) -> ray.data.Dataset:
+def _seeded_order(reference_path: str, seed: int, driver_bytes: int = _DRIVER_ORDER_BYTES) -> ray.data.Dataset:
     # In a seeded order of its own: Ray Data may lay the same reference rows out in another order from run to run
     # (files, blocks), and batches in another order train another policy. Materialized up front: the read then
-    # never competes with the training workers for CPUs.
-    return (ray.data.read_parquet(reference_path)
+    # never competes with the training workers for CPUs. Up to `driver_bytes` of Parquet the driver orders it with
+    # Arrow: Ray Data's distributed sort of the default's 96 pairs took 7 s of task start-ups on two cores.
+    files = schemas.parquet_files(reference_path)
+    if sum(os.path.getsize(f) for f in files) <= driver_bytes:
+        table = with_order_key(pq.ParquetDataset(files).read(), seed)
+        return ray.data.from_arrow(table.sort_by(_ORDER_KEY).drop_columns([_ORDER_KEY]))
+    return (ray.data.read_parquet(files)
             .map_batches(with_order_key, fn_kwargs={"seed": seed}, batch_format="pyarrow")
             .sort(_ORDER_KEY).drop_columns([_ORDER_KEY]).materialize())
 
