@@ -9,8 +9,9 @@ Sides, each on the default model (SmolLM2-135M-Instruct, real weights) and the s
              of 16 pairs (reference.batch_size); also how far bf16-mixed's log-probs and DPO margins are from
              float32's.
   sample     the sampler's loop (sample_tokens: prefill once, KV cache, top-p) for `--prompts` prompts x 4, up to
-             `--new-tokens` tokens, the default's temperature and top_p, on the weights the sampler loads: float32,
-             and bf16 for bf16-mixed; a third side decodes under bf16 autocast. Tokens/s counts the tokens generated.
+             `--new-tokens` tokens, the default's temperature and top_p: float32 (what bf16-mixed samples in, since
+             models.inference_dtype), bf16 weights, and bf16 autocast on float32 weights. Tokens/s counts the tokens
+             generated.
 A peer here is the float32 side: the question is what the CPU's bf16 units are worth to the same code.
 
     .venv/bin/python benchmarks/precision.py                      # SmolLM2, the numbers in benchmarks/README.md
@@ -92,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     common.set_threads(args.threads)
     from dpo_ray.config import bf16_matmul_units
-    from dpo_ray.models import sampling_dtype
+    from dpo_ray.models import inference_dtype
 
     tokenizer, path = common.load_tokenizer_and_path()
     pad_id = tokenizer.pad_token_id
@@ -135,11 +136,10 @@ def main() -> None:
 
     prompts = common.prompt_ids(tokenizer, common.read_prompts(args.prompts, seed=1))
     eos_ids = {tokenizer.eos_token_id}
-    # Each side as the sampler of that model.dtype loads its weights (models.sampling_dtype): float32, and bf16 for
-    # bf16-mixed. The third, bf16 autocast on the float32 weights, is why bf16-mixed does not sample that way.
-    assert sampling_dtype("bf16-mixed") == "bfloat16"
+    # bf16-mixed samples in float32 (models.inference_dtype): what bf16 weights or bf16 autocast would gain there.
+    assert inference_dtype("bf16-mixed") == "float32"
     samplers = {"float32": sample_side(base, False, prompts, args.new_tokens, eos_ids, pad_id),
-                "bf16-mixed": sample_side(copy.deepcopy(base).to(torch.bfloat16), False, prompts, args.new_tokens,
+                "bf16-weights": sample_side(copy.deepcopy(base).to(torch.bfloat16), False, prompts, args.new_tokens,
                                           eos_ids, pad_id),
                 "bf16-autocast": sample_side(base, True, prompts, args.new_tokens, eos_ids, pad_id)}
     times, cpu, generated = common.alternate(samplers, args.repeats)
@@ -152,7 +152,7 @@ def main() -> None:
     ratios = {
         "train_step": result["train"]["float32"]["median_s"] / result["train"]["bf16-mixed"]["median_s"],
         "reference_pass": result["reference"]["float32"]["median_s"] / result["reference"]["bf16-mixed"]["median_s"],
-        "sample_tokens_per_s": tokens_per_s("bf16-mixed") / tokens_per_s("float32"),
+        "sample_tokens_per_s_on_bf16_weights": tokens_per_s("bf16-weights") / tokens_per_s("float32"),
         "sample_tokens_per_s_under_autocast": tokens_per_s("bf16-autocast") / tokens_per_s("float32"),
     }
     result["speedup_bf16_mixed_over_float32"] = ratios

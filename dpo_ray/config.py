@@ -70,11 +70,11 @@ class ModelConfig(_Section):
     # None: the same weights as the initial policy.
     reference: str | None = None
     # float32; bf16-mixed: float32 weights, optimizer and log-probs with bf16 matmuls (torch.autocast) in training
-    # and scoring, and samplers on bf16 weights: for CPUs with bf16 matmul units (AMX, AVX512-BF16);
-    # bfloat16/float16: the weights themselves (GPUs). auto: bfloat16 when train.use_gpu, else bf16-mixed where the
-    # CPU reading the config (the driver's, so a cluster's CPU nodes are taken to be alike) has bf16 units, else
-    # float32 (emulated bf16 is slower there). Not the default: on the default round bf16-mixed was 1.3x faster but
-    # its held-out win rate 8 points lower than float32's (README, "Precision").
+    # and the reference pass, everything else (sampling, labeling, evaluation) in float32 (models.inference_dtype):
+    # for CPUs with bf16 matmul units (AMX, AVX512-BF16); bfloat16/float16: the weights themselves (GPUs).
+    # auto: bfloat16 when train.use_gpu, else bf16-mixed where the CPU reading the config (the driver's, so a
+    # cluster's CPU nodes are taken to be alike) has bf16 units, else float32 (emulated bf16 is slower there).
+    # Not the default: its quality was measured on two seeds only (README, "Precision").
     dtype: Literal["auto", "float32", "bf16-mixed", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
 

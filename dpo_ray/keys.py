@@ -14,7 +14,7 @@ from dpo_ray import artifacts
 from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import InputError
 from dpo_ray.inputs import is_hub_id
-from dpo_ray.models import model_fingerprint
+from dpo_ray.models import inference_dtype, model_fingerprint
 
 
 def digest(path: str | Path | list, what: str) -> str:
@@ -82,8 +82,10 @@ def held_out_prompts(cfg: PipelineConfig, digests: dict[str, str]) -> str:
     return prompts if seed is None else artifacts.input_key({"prompts": prompts, "held_out_seed": seed})
 
 
-def policy(cfg: PipelineConfig) -> dict:
-    return {"seed": cfg.run.seed, "dtype": cfg.model.dtype, "policy": model_fingerprint(cfg.model.policy)}
+def policy(cfg: PipelineConfig, trains: bool = False) -> dict:
+    """The initial policy as a stage runs it: in model.dtype where it `trains`, else in its inference dtype."""
+    dtype = cfg.model.dtype if trains else inference_dtype(cfg.model.dtype)
+    return {"seed": cfg.run.seed, "dtype": dtype, "policy": model_fingerprint(cfg.model.policy)}
 
 
 def limits(cfg: PipelineConfig) -> dict:

@@ -209,11 +209,13 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: str | torch.device
     return model.to(device)
 
 
-def sampling_dtype(dtype: str) -> str:
-    """The weights a sampler loads for model.dtype `dtype`. bf16-mixed samples on bf16 weights: sampling updates no
-    weights, and on an AMX CPU bf16 weights decoded 1.5x faster than float32 while bf16 autocast decoded slower
-    (benchmarks/precision.py)."""
-    return "bfloat16" if dtype == "bf16-mixed" else dtype
+def inference_dtype(dtype: str) -> str:
+    """What a model runs in for model.dtype `dtype` outside training and the reference pass (sampling, labeling,
+    evaluation, KL probes). bf16-mixed runs them in float32: a policy's DPO updates are mostly below bf16's
+    resolution (83% of the weights the default round changed round to their initial bf16 value), so seen through
+    bf16 a trained policy is not the one trained, and its held-out win rate measured in bf16 was 6-16 points below
+    the same policy's in float32 (benchmarks/README.md, 2026-12-06 (AMX, later))."""
+    return "float32" if dtype == "bf16-mixed" else dtype
 
 
 def require_bitsandbytes() -> None:

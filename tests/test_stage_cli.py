@@ -211,15 +211,20 @@ def test_train_and_evaluate_stages_alone(chain):
 
 
 def test_bf16_mixed_runs_every_stage(chain, tmp_path):
-    """model.dtype=bf16-mixed, which auto picks on CPUs with AMX or AVX512-BF16: every stage's forward under bf16
-    autocast (emulated on other CPUs, so this runs anywhere), finite log-probs, the policy published in float32."""
+    """model.dtype=bf16-mixed, which auto picks on CPUs with AMX or AVX512-BF16: training and the reference pass
+    under bf16 autocast (emulated on other CPUs, so this runs anywhere), finite log-probs, the policy published in
+    float32; sampling in float32, so its completions are the float32 chain's."""
     import numpy as np
     from safetensors import safe_open
 
-    _, common = chain
+    root, common = chain
     main(["run", *common, f"run.root={tmp_path}", "model.dtype=bf16-mixed", "train.epochs=1"])
     run = tmp_path / "tiny"
     assert all(read_manifest(run / stage) for stage in ("sample", "label", "reference", "train", "evaluate"))
+    completions = [{(r["prompt_id"], r["sample_index"]): (r["completion_ids"], r["sample_logp"])
+                    for r in schemas.read_table(folder, schemas.COMPLETIONS).to_pylist()}
+                   for folder in (run / "sample" / "completions", root / "s" / "completions")]
+    assert completions[0] == completions[1] and len(completions[0]) == 12 * 4
     reference = schemas.read_table(run / "reference", schemas.REFERENCE)
     logps = np.concatenate([reference[c].to_numpy() for c in schemas.REFERENCE_COLUMNS])
     assert np.isfinite(logps).all() and (logps < 0).all()

@@ -24,7 +24,7 @@ import torch
 from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ConfigError
-from dpo_ray.models import (ADAPTER_CONFIG, ModelSpec, adapter_base, device_for, resolve_model, sampling_dtype,
+from dpo_ray.models import (ADAPTER_CONFIG, ModelSpec, adapter_base, device_for, resolve_model, inference_dtype,
                             set_torch_threads)
 from dpo_ray.sampling import sample_seed, sample_tokens
 from dpo_ray.text import decode_completion, prompt_token_ids, sampled_messages_json
@@ -94,7 +94,7 @@ class _Sampler:
 class TransformersSampler(_Sampler):
     def __init__(self, spec: SamplerSpec):
         super().__init__(spec)
-        model = replace(spec.model, dtype=sampling_dtype(spec.model.dtype))
+        model = replace(spec.model, dtype=inference_dtype(spec.model.dtype))
         self.model = model.load_causal_lm(device_for(ray.get_gpu_ids())).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
@@ -145,7 +145,7 @@ class VLLMSampler(_Sampler):
         # refuses to start unless that much is free; a fixed KV-cache size skips that check.
         cpu_args = {} if on_gpu else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
         self.llm = LLM(
-            model=resolve_model(base) if base else model, seed=spec.seed, dtype=sampling_dtype(spec.model.dtype),
+            model=resolve_model(base) if base else model, seed=spec.seed, dtype=inference_dtype(spec.model.dtype),
             max_model_len=max_model_len,
             # Requests are seeded one by one (generate). A seeded request must never be prefilled in chunks: vLLM
             # then rewinds its generator, which a CPU generator cannot do ("CPU Generator does not use offset").

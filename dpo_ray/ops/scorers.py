@@ -17,7 +17,7 @@ import ctypes
 import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -31,7 +31,7 @@ import torch
 from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.logprobs import precision, shared_prompt_batch, shared_prompt_logps
-from dpo_ray.models import ModelSpec, device_for, model_fingerprint, set_torch_threads
+from dpo_ray.models import ModelSpec, device_for, inference_dtype, model_fingerprint, set_torch_threads
 from dpo_ray.ops.samplers import SamplerSpec, TransformersSampler, sample_dataset, sample_logp_is_exact, sampler_pool
 
 
@@ -100,9 +100,14 @@ class ScorerSpec:
     known: pa.Table | None = None
 
     @classmethod
-    def of(cls, cfg: PipelineConfig, model: str, columns: dict[str, str],
-           known: pa.Table | None = None, quantize: str | None = None) -> "ScorerSpec":
-        return cls(ModelSpec.of(cfg, model, quantize), columns, cfg.reference.batch_size, known)
+    def of(cls, cfg: PipelineConfig, model: str, columns: dict[str, str], known: pa.Table | None = None,
+           quantize: str | None = None, reference_pass: bool = False) -> "ScorerSpec":
+        """`reference_pass`: the log-probs training compares with, in model.dtype; any other scorer runs in its
+        inference dtype (models.inference_dtype)."""
+        spec = ModelSpec.of(cfg, model, quantize)
+        if not reference_pass:
+            spec = replace(spec, dtype=inference_dtype(spec.dtype))
+        return cls(spec, columns, cfg.reference.batch_size, known)
 
 
 class LogProbScorer:
@@ -160,7 +165,7 @@ class LogProbScorer:
 
 def score_logps(ds: ray.data.Dataset, cfg: PipelineConfig, model: str, columns: dict[str, str],
                 known: pa.Table | None = None, quantize: str | None = None) -> ray.data.Dataset:
-    spec = ScorerSpec.of(cfg, model, columns, known, quantize)
+    spec = ScorerSpec.of(cfg, model, columns, known, quantize, reference_pass=True)
     return ds.map_batches(LogProbScorer, fn_constructor_kwargs={"spec": spec}, **_scorer_pool(cfg))
 
 

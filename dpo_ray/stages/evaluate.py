@@ -38,7 +38,7 @@ import ray
 from dpo_ray import artifacts, keys, schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ConfigError
-from dpo_ray.models import model_fingerprint
+from dpo_ray.models import inference_dtype, model_fingerprint
 from dpo_ray.ops.prompts import held_out_prompts, read_split
 from dpo_ray.ops.rewards import add_rewards, check_labeler
 from dpo_ray.ops.scorers import completion_logps_columns, sampled_with_logps
@@ -56,7 +56,7 @@ def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
     prompts = keys.held_out_prompts(cfg, digests)
     judges = {cfg.evaluate.labeler or cfg.label.labeler, *cfg.evaluate.audit_labelers}
     return {"policy": digests["policy"], "baseline": model_fingerprint(cfg.baseline_model), "prompts": prompts,
-            "seed": cfg.held_out_seed, "dtype": cfg.model.dtype, "limits": keys.limits(cfg),
+            "seed": cfg.held_out_seed, "dtype": inference_dtype(cfg.model.dtype), "limits": keys.limits(cfg),
             "evaluate": keys.settings(cfg, "evaluate"), "sample": cfg.sample.model_dump(),
             "labeler": keys.settings(cfg, "label"),
             "reward_model": model_fingerprint(cfg.label.reward_model) if "reward_model" in judges else None,
@@ -165,8 +165,8 @@ def reference_side_folder(cfg: PipelineConfig, prompts_path: Path) -> Path:
     prompts = pq.read_table(prompts_path, columns=["prompt_id", "prompt", "messages_json"],
                             filters=[("split", "==", "eval")])
     key = artifacts.input_key({
-        "baseline": model_fingerprint(cfg.baseline_model), "dtype": cfg.model.dtype, "prompts": prompts.to_pydict(),
-        "limits": keys.limits(cfg), "seed": cfg.held_out_seed, "backend": s.backend, "n": e.samples_per_prompt,
+        "baseline": model_fingerprint(cfg.baseline_model), "dtype": inference_dtype(cfg.model.dtype),
+        "prompts": prompts.to_pydict(), "limits": keys.limits(cfg), "seed": cfg.held_out_seed, "backend": s.backend, "n": e.samples_per_prompt,
         "max_new_tokens": e.max_new_tokens or s.max_new_tokens, "temperature": e.temperature, "top_p": s.top_p})
     return Path(cfg.run.root).resolve() / "eval_reference_cache" / key
 

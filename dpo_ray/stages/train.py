@@ -334,7 +334,7 @@ def epoch_layout(pairs: int, batch_size: int) -> tuple[int, int]:
 
 def inputs(cfg: PipelineConfig, digests: dict[str, str]) -> dict:
     init = cfg.train.init_from
-    key = {**keys.policy(cfg), "reference": digests["reference"], "train": keys.settings(cfg, "train"),
+    key = {**keys.policy(cfg, trains=True), "reference": digests["reference"], "train": keys.settings(cfg, "train"),
            "init": model_fingerprint(init) if init else None}
     if cfg.train.kl_budget is not None:
         # What the probes sample and score, since they choose the policy.
