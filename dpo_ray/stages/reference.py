@@ -65,7 +65,7 @@ def _side_keys(batch: pa.RecordBatch | pa.Table) -> list[tuple[bytes, ...]]:
 
 
 def _known(cache: ReferenceCache, pairs: Path, replayed: pa.Table | None) -> pa.Table:
-    """What the cache holds of these pairs' sequences; the pairs are streamed, one row group at a time."""
+    """What the cache holds of these pairs' sequences; the pairs are streamed a batch at a time."""
     batches = chain(schemas.iter_batches(pairs, ["prompt_ids", *_SIDES]), replayed.to_batches() if replayed else ())
     return cache.lookup(key for batch in batches for keys in _side_keys(batch) for key in keys)
 
