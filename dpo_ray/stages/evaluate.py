@@ -167,7 +167,8 @@ def reference_side_folder(cfg: PipelineConfig, prompts_path: Path) -> Path:
     key = artifacts.input_key({
         "baseline": model_fingerprint(cfg.baseline_model), "dtype": inference_dtype(cfg.model.dtype),
         "prompts": prompts.to_pydict(), "limits": keys.limits(cfg), "seed": cfg.held_out_seed, "backend": s.backend,
-        "n": e.samples_per_prompt, "max_new_tokens": e.max_new_tokens or s.max_new_tokens, "temperature": e.temperature, "top_p": s.top_p})
+        "n": e.samples_per_prompt, "max_new_tokens": e.max_new_tokens or s.max_new_tokens, "temperature": e.temperature,
+        "top_p": s.top_p})
     return Path(cfg.run.root).resolve() / "eval_reference_cache" / key
 
 
