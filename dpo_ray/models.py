@@ -213,8 +213,8 @@ def inference_dtype(dtype: str) -> str:
     """What a model runs in for model.dtype `dtype` outside training and the reference pass (sampling, labeling,
     evaluation, KL probes). bf16-mixed runs them in float32: a policy's DPO updates are mostly below bf16's
     resolution (83% of the weights the default round changed round to their initial bf16 value), so seen through
-    bf16 a trained policy is not the one trained, and its held-out win rate measured in bf16 was 6-16 points below
-    the same policy's in float32 (benchmarks/README.md, 2026-12-06 (AMX, later))."""
+    bf16 a trained policy is not the one trained: in three of four runs its held-out win rate measured in bf16 was
+    7-16 points below the same policy's in float32 (benchmarks/README.md, 2026-12-06 (AMX, later))."""
     return "float32" if dtype == "bf16-mixed" else dtype
 
 
