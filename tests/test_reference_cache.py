@@ -27,6 +27,12 @@ def test_cache_round_trip_and_files_appear_complete(tmp_path):
     cache = ReferenceCache(tmp_path / "c")
     keys = [sequence_key([1], [2]), sequence_key([1], [3]), sequence_key([4], [5]), sequence_key([6], [7])]
     assert cache.lookup(keys).num_rows == 0
+
+    def never_drawn():  # an empty cache does not hash the stage's pairs for nothing
+        raise AssertionError("keys drawn from an empty cache's lookup")
+        yield
+
+    assert cache.lookup(never_drawn()).num_rows == 0
     cache.add(keys[:2], [-1.0, -2.0], "a")
     cache.add(keys[2:3], [-3.0], "b")
     assert _as_dict(cache.lookup(keys)) == {keys[0]: -1.0, keys[1]: -2.0, keys[2]: -3.0}

@@ -70,12 +70,13 @@ class ReferenceCache:
         return cls(Path(cfg.run.root).resolve() / "reference_cache" / name)
 
     def lookup(self, keys: Iterable[bytes]) -> pa.Table:
-        """The cached rows (`schemas.REFERENCE_CACHE`) of `keys`. The files are read one row group at a time and
-        only matches are kept, so memory follows `keys` (one stage's sequences), not everything ever scored under
-        the run root (benchmarks/reference_cache.py)."""
-        wanted = pa.array(set(keys), pa.binary(16))
+        """The cached rows (`schemas.REFERENCE_CACHE`) of `keys`. The files are read a batch at a time and only
+        matches are kept, so memory follows `keys` (one stage's sequences), not everything ever scored under the
+        run root (benchmarks/reference_cache.py). `keys` is not drawn from while the cache is empty."""
+        files = sorted(self.folder.glob("*.parquet"))
+        wanted = pa.array(set(keys) if files else (), pa.binary(16))
         found = []
-        for path in sorted(self.folder.glob("*.parquet")) if len(wanted) else ():
+        for path in files if len(wanted) else ():
             parquet = pq.ParquetFile(path)
             schemas.check_schema(parquet.schema_arrow, schemas.REFERENCE_CACHE, path)
             for batch in parquet.iter_batches(columns=schemas.REFERENCE_CACHE.names):

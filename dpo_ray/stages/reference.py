@@ -82,7 +82,7 @@ def run(ctx: StageContext) -> dict:
     scored.write_parquet(str(ctx.out))
     # Streamed back one row group at a time: the statistics, and the sequences the cache does not have yet.
     stats.update({"pairs": 0, "nonfinite_pairs": 0, "pairs_from_cache": 0})
-    cached = dict(zip(known["sequence_key"].to_pylist(), known["logp"].to_pylist())) if cache else {}
+    cached = set(known["sequence_key"].to_pylist()) if cache else set()
     fresh: dict[bytes, float] = {}
     for batch in schemas.iter_batches(ctx.out, ["prompt_ids", *_SIDES, *_SIDES.values()]):
         stats["pairs"] += batch.num_rows
