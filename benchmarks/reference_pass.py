@@ -107,7 +107,6 @@ def main() -> None:
     start = time.perf_counter()
     model = common.load_model(path)
     load_s = time.perf_counter() - start
-    scorer = LogProbScorer(ScorerSpec.of(cfg, path, COLUMNS)) if "scorer" in sides else None
     common.log(f"{len(pairs)} pairs, {tokens} tokens, reference.batch_size {cfg.reference.batch_size}; "
                f"bare model load {load_s:.1f}s; load {common.load_average()}")
     if "ray" in sides or "ray_v2" in sides:
@@ -117,6 +116,8 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         init_ray(cfg)  # the cluster is up; this applies the pipeline's own Ray Data settings and resource check
         common.log(f"ray.init {time.perf_counter() - start:.1f}s (not counted)")
+    # After ray.init: the scorer asks Ray for its GPU ids, which starts a default cluster if none is up.
+    scorer = LogProbScorer(ScorerSpec.of(cfg, path, COLUMNS)) if "scorer" in sides else None
 
     from dpo_ray.runner import StageContext
     from dpo_ray.stages.reference import run
