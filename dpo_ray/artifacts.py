@@ -39,8 +39,8 @@ def _file_records(root: Path, hash_data: bool = True) -> list[tuple[str, str, st
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
         stat = path.stat()
         stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
-        records.append((path.relative_to(root).as_posix(), file_digest(path) if hash_data and path.suffix in _DIGESTED else stamp,
-                        stamp))
+        digest = file_digest(path) if hash_data and path.suffix in _DIGESTED else stamp
+        records.append((path.relative_to(root).as_posix(), digest, stamp))
     return records
 
 

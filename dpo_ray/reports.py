@@ -38,7 +38,8 @@ def plot_reward_vs_kl(points: list[dict], path: Path, title: str) -> None:
 def write_frontier_report(points: list[dict], run_dir: Path) -> str:
     """frontier.json, frontier.md (returned) and frontier.png: reward against KL, one line per loss type."""
     artifacts.write_json_atomic(run_dir / "frontier.json", {"points": points})
-    lines = ["| variant | loss | beta | policy reward | reference reward | win rate | KL |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | loss | beta | policy reward | reference reward | win rate | KL |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {p['variant']} | {p['loss']} | {p['beta']:g} | {p['policy_reward']:+.3f} | "
               f"{p['reference_reward']:+.3f} | {p['win_rate']:.1%} | {p['kl']:.2f} |" for p in points]
     table = "\n".join(lines)
@@ -98,7 +99,8 @@ def write_round_report(rounds: list[dict], run_dir: Path, tolerance: float = 0.2
     for r in rows:
         audit_cells = "".join(f" {r.get(f'audit_{a}_win_rate', float('nan')):.1%} |" for a in audits)
         lines.append(f"| {r['round']} | {r['policy_reward']:+.3f} | {r['initial_reward']:+.3f} | "
-                     f"{r['win_rate_vs_initial']:.1%} | {r['kl_to_initial']:.2f} | {r['pairs']} | {r['tie_rate']:.1%} | "
+                     f"{r['win_rate_vs_initial']:.1%} | {r['kl_to_initial']:.2f} | {r['pairs']} | "
+                     f"{r['tie_rate']:.1%} | "
                      f"{_quality_cells(r, 'policy')} |{audit_cells} {'; '.join(r['divergence']) or 'none'} |")
     lines.append(f"| initial model | | {rows[0]['initial_reward']:+.3f} | | | | | "
                  f"{_quality_cells(rows[0], 'initial')} |" + " |" * len(audits) + " |")

@@ -84,7 +84,8 @@ def completion_token_ids(tokenizer, prompt, messages_json, system_prompt, comple
         raise TokenizationError(f"contains the tokenizer's end-of-turn text {tokenizer.eos_token!r}")
     if tokenizer.chat_template:
         messages = prompt_messages(prompt, messages_json, system_prompt)
-        prompt_ids = _encode(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        prompt_ids = _encode(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                      add_generation_prompt=True))
         full_ids = _encode(tokenizer, tokenizer.apply_chat_template(
             messages + [{"role": "assistant", "content": completion}], tokenize=False
         ))

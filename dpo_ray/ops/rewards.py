@@ -26,7 +26,7 @@ from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ModelError
 from dpo_ray.models import ModelSpec, device_for, resolve_model, set_torch_threads, skip_unused_imports
 from dpo_ray.ops.judge import check_judge, judge_rewards
-from dpo_ray.ops.scorers import completion_logps_columns
+from dpo_ray.ops.scorers import completion_logps_columns, scorer_pool
 from dpo_ray.text import conversation_text, prompt_messages
 
 
@@ -130,8 +130,7 @@ class RewardModel(Labeler):
             RewardModelScorer,
             fn_constructor_kwargs={"model": ModelSpec.of(cfg, cfg.label.reward_model),
                                    "batch_size": cfg.label.batch_size, "column": column},
-            batch_format="pyarrow", batch_size=cfg.label.batch_size * 4,
-            compute=ray.data.ActorPoolStrategy(size=cfg.reference.num_actors), **cfg.reference.actor_resources(),
+            **scorer_pool(cfg, cfg.label.batch_size),
         )
 
 

@@ -226,7 +226,8 @@ def _tensor_parallel_placement(size: int) -> dict:
 
     def pg_strategy():
         group = placement_group([{"CPU": 1, "GPU": 1}] * size, strategy="STRICT_PACK")
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+        return {"scheduling_strategy": strategy}
 
     return {"num_gpus": 0, "ray_remote_args_fn": pg_strategy}
 

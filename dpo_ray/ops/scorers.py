@@ -167,7 +167,7 @@ class LogProbScorer:
 def score_logps(ds: ray.data.Dataset, cfg: PipelineConfig, model: str, columns: dict[str, str],
                 known: pa.Table | None = None, quantize: str | None = None) -> ray.data.Dataset:
     spec = ScorerSpec.of(cfg, model, columns, known, quantize, reference_pass=True)
-    return ds.map_batches(LogProbScorer, fn_constructor_kwargs={"spec": spec}, **_scorer_pool(cfg))
+    return ds.map_batches(LogProbScorer, fn_constructor_kwargs={"spec": spec}, **scorer_pool(cfg))
 
 
 class SampleAndScore:
@@ -207,9 +207,11 @@ def _with_sample_logp(ds: ray.data.Dataset, columns: list[str]) -> ray.data.Data
     return ds.map_batches(_append_sample_logp, fn_kwargs={"columns": columns}, batch_format="pyarrow")
 
 
-def _scorer_pool(cfg: PipelineConfig) -> dict:
+def scorer_pool(cfg: PipelineConfig, model_batch: int | None = None) -> dict:
+    """map_batches arguments of a pool of scoring actors (reference.num_actors, each with reference's resources),
+    fed four of its model batches (`model_batch` rows, reference.batch_size unless given) at a time."""
     r = cfg.reference
-    return {"batch_size": max(r.batch_size * 4, 16), "batch_format": "pyarrow",
+    return {"batch_size": max((model_batch or r.batch_size) * 4, 16), "batch_format": "pyarrow",
             "compute": ray.data.ActorPoolStrategy(size=r.num_actors), **r.actor_resources()}
 
 
@@ -223,10 +225,10 @@ def completion_logps_columns(ds: ray.data.Dataset, cfg: PipelineConfig, columns:
     ds = _with_sample_logp(ds, exact)
     if cfg.models_share_actor and scorers:
         return ds.map_batches(SampleAndScore, fn_constructor_kwargs={"sampler": None, "scorers": scorers},
-                              **_scorer_pool(cfg))
+                              **scorer_pool(cfg))
     for index, spec in enumerate(scorers):
         ds = (ds.materialize() if index else ds).map_batches(LogProbScorer, fn_constructor_kwargs={"spec": spec},
-                                                             **_scorer_pool(cfg))
+                                                             **scorer_pool(cfg))
     return ds
 
 

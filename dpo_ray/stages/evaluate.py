@@ -213,8 +213,8 @@ def _samples(cfg: PipelineConfig, prompts_path: Path, policy: str) -> tuple[ray.
 def _to_eval_schema(b: pa.Table, audits: Sequence[str]) -> pa.Table:
     b = b.append_column("completion_tokens", pa.compute.list_value_length(b["completion_ids"]).cast(pa.int32()))
     scores = [b[f"audit_{name}"].to_pylist() for name in audits]
-    b = b.append_column("audit_rewards", pa.array([list(zip(audits, row)) for row in zip(*scores)] if audits
-                                                  else [[]] * b.num_rows, schemas.EVAL_SAMPLES.field("audit_rewards").type))
+    audit_rewards = [list(zip(audits, row)) for row in zip(*scores)] if audits else [[]] * b.num_rows
+    b = b.append_column("audit_rewards", pa.array(audit_rewards, schemas.EVAL_SAMPLES.field("audit_rewards").type))
     return b.select(schemas.EVAL_SAMPLES.names).cast(schemas.EVAL_SAMPLES)
 
 

@@ -133,8 +133,10 @@ def label_completions(cfg: PipelineConfig, completions_path: Path, out: Path, sa
     stats = {name: totals[f"stat_{name}"] for name in _STAT_FIELDS}
     if stats["pairs"] == 0:
         raise InputError(f"label: no preference pairs from {stats['completions']} completions "
-                         f"({json.dumps(stats)}); sample more (sample.n, data.num_train_prompts) or lower label.min_margin")
-    paired.filter(expr=col("pair_id").is_not_null()).select_columns(schemas.PAIRS.names).write_parquet(str(out / "pairs"))
+                         f"({json.dumps(stats)}); sample more (sample.n, data.num_train_prompts) "
+                         "or lower label.min_margin")
+    pairs = paired.filter(expr=col("pair_id").is_not_null()).select_columns(schemas.PAIRS.names)
+    pairs.write_parquet(str(out / "pairs"))
     return stats
 
 
