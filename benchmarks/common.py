@@ -106,15 +106,15 @@ def code_version() -> dict:
 _CODE_AT_START = code_version()
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10, threads: int = 2) -> dict:
-    """Best fp32 GFLOP/s of torch.matmul on (n, n) x (n, n) with `threads` threads (2*n^3 FLOP per matmul)."""
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10, threads: int = 2, dtype: torch.dtype = torch.float32) -> dict:
+    """Best GFLOP/s of torch.matmul on (n, n) x (n, n) in `dtype` with `threads` threads (2*n^3 FLOP per matmul)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=g)
-        b = torch.randn(n, n, generator=g)
-        out = torch.empty(n, n)
+        a = torch.randn(n, n, generator=g).to(dtype)
+        b = torch.randn(n, n, generator=g).to(dtype)
+        out = torch.empty(n, n, dtype=dtype)
         for _ in range(2):
             torch.matmul(a, b, out=out)
         times = []

@@ -12,14 +12,23 @@ the DDPEngine), runs one small warm-up step, then one step of --batch-size pairs
 and, in a second identical step under torch.profiler, the operators with the most self CPU time.
 FLOP shares use 2 * parameters per token for the decoder and 2 * hidden * vocab per scored token for the head.
 
-    .venv-bench/bin/python benchmarks/profile_train_step.py --batch-size 8 --threads 2
+Executed MFU (issue 20 item 5) is the step's model FLOP (3x the forward, on every token it executes, padding
+included) per second against the fp32 matmul peak of a 2048x2048 matmul. The profiled step says where the rest
+goes: the matmul kernels' share of the step and their own GFLOP/s (the profiler's FLOP count over their self time),
+their busiest shapes, each timed again alone on fresh tensors, and everything that is not a matmul. A step can be
+no faster than its matmuls at the rate their shapes run at, so `ceiling_mfu` (model FLOP over the matmuls' time
+alone) is the executed MFU this step reaches with every other operator free.
+
+    .venv-bench/bin/python benchmarks/profile_train_step.py --batch-size 8 --threads 2 [--dtype bf16-mixed]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
+import torch
 
 import common
 from train_throughput import build_engine, reference_logps
@@ -32,6 +41,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-profiler", action="store_true", help="skip the torch.profiler step")
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--dtype", choices=("float32", "bf16-mixed"), default="float32", help="model.dtype of the step")
     args = p.parse_args()
 
     from dpo_ray.config import TrainConfig
@@ -43,9 +53,11 @@ def main() -> None:
     pairs = common.build_pairs(tokenizer, b * 3, args.completion_tokens)
     ref_c, ref_r = reference_logps(path, pairs)
     t = TrainConfig(beta=0.1, lr=1e-5, batch_size=b, micro_batch_size=b, max_grad_norm=1.0)
-    lm, engine = build_engine(path, t)
+    lm, engine = build_engine(path, t, args.dtype)
     pad = tokenizer.pad_token_id
     peak = common.matmul_peak_gflops(threads=args.threads)["best_gflops"]
+    kernel_dtype = torch.bfloat16 if args.dtype == "bf16-mixed" else torch.float32
+    kernel_peak = common.matmul_peak_gflops(threads=args.threads, dtype=kernel_dtype)["best_gflops"]
 
     calls: dict[str, list[float]] = {"decoder": [], "lm_head": []}
     tokens_seen = {"decoder": 0, "lm_head": 0}
@@ -118,9 +130,11 @@ def main() -> None:
              "achieved_gflops_whole_step": 3 * fwd_flop / step_s / 1e9,
              "decoder_fwd_gflops": body_flop / ph["decoder"] / 1e9 if ph["decoder"] else None,
              "lm_head_fwd_gflops": head_flop / ph["lm_head"] / 1e9 if ph["lm_head"] else None,
-             "matmul_peak_gflops": peak}
+             "matmul_peak_gflops": peak, "kernel_dtype_matmul_peak_gflops": kernel_peak,
+             "executed_mfu": 3 * fwd_flop / step_s / 1e9 / peak}
     common.log(f"  FLOP: head share {100 * flops['head_share_of_flop']:.1f}% of forward; whole step "
-               f"{flops['achieved_gflops_whole_step']:.1f} GFLOP/s of {peak:.1f} peak; decoder fwd "
+               f"{flops['achieved_gflops_whole_step']:.1f} GFLOP/s of {peak:.1f} fp32 peak "
+               f"({kernel_peak:.1f} in {kernel_dtype}): executed MFU {100 * flops['executed_mfu']:.1f}%; decoder fwd "
                f"{flops['decoder_fwd_gflops'] or 0:.1f}, head fwd {flops['lm_head_fwd_gflops'] or 0:.1f} GFLOP/s")
 
     table = ""
@@ -128,7 +142,7 @@ def main() -> None:
     if not args.no_profiler:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
             step(range(2 * b, 3 * b))
         averages = prof.key_averages()
         table = averages.table(sort_by="self_cpu_time_total", row_limit=args.top)
@@ -153,6 +167,8 @@ def main() -> None:
         shares["other"] = 1 - sum(shares.values())
         common.log("self-CPU share by operator group: " + ", ".join(f"{g} {100 * v:.1f}%" for g, v in shares.items()))
         top.append({"groups": shares})
+        flops["where_the_rest_goes"] = matmul_accounting(prof, groups["matmul (mm/addmm/bmm/linear)"], total_self,
+                                                         3 * fwd_flop, peak, kernel_peak, kernel_dtype, args.threads)
 
     out = common.write_result("profile_train_step", {
         "machine": common.machine_info(), "args": vars(args), "workload": common.describe_pairs(pairs[b:2 * b]),
@@ -160,6 +176,56 @@ def main() -> None:
         "profiler_table": table,
     })
     common.log(f"wrote {out}")
+
+
+def _time_alone(shape: tuple, dtype: torch.dtype, repeats: int = 20) -> float:
+    """Median seconds of one matmul of profiled input `shape` ((M, K), (K, N), a leading bias for addmm, a leading
+    batch for bmm) on fresh contiguous tensors."""
+    *_, a_shape, b_shape = shape
+    a, b = torch.randn(*a_shape).to(dtype), torch.randn(*b_shape).to(dtype)
+    fn = torch.bmm if len(a_shape) == 3 else torch.mm
+    for _ in range(3):
+        fn(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(a, b)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_accounting(prof, matmul_ops: tuple, total_self_us: float, model_flop: float, fp32_peak: float,
+                      dtype_peak: float, dtype: torch.dtype, threads: int, top: int = 8) -> dict:
+    """Split the profiled step into its matmul kernels (time, FLOP, rate, busiest shapes) and everything else."""
+    mm = [e for e in prof.key_averages() if e.key.startswith(matmul_ops) and e.self_cpu_time_total > 0]
+    mm_s = sum(e.self_cpu_time_total for e in mm) / 1e6
+    mm_flop = sum(e.flops for e in mm)
+    mm_share = mm_s / (total_self_us / 1e6)
+    rate = mm_flop / mm_s / 1e9
+    shapes = []
+    by_shape = [e for e in prof.key_averages(group_by_input_shape=True)
+                if e.key.startswith(matmul_ops) and e.flops and e.self_cpu_time_total > 0]
+    for e in sorted(by_shape, key=lambda e: -e.self_cpu_time_total)[:top]:
+        shape = tuple(tuple(s) for s in e.input_shapes if s)
+        in_step = e.flops / (e.self_cpu_time_total / 1e6) / 1e9
+        alone = e.flops / e.count / _time_alone(shape, dtype) / 1e9
+        shapes.append({"op": e.key, "shape": shape, "calls": e.count, "share_of_matmul_time":
+                       e.self_cpu_time_total / 1e6 / mm_s, "gflops_in_step": in_step, "gflops_alone": alone})
+    torch.set_num_threads(threads)
+    out = {"matmul_share_of_step": mm_share, "matmul_gflops": rate, "matmul_of_fp32_peak": rate / fp32_peak,
+           "matmul_of_its_dtype_peak": rate / dtype_peak,
+           "profiled_matmul_flop_over_model_flop": mm_flop / model_flop,
+           "non_matmul_share_of_step": 1 - mm_share,
+           "ceiling_mfu": model_flop / mm_s / 1e9 / fp32_peak, "busiest_shapes": shapes}
+    common.log(f"matmul kernels: {100 * mm_share:.1f}% of the profiled step at {rate:.1f} GFLOP/s "
+               f"({100 * out['matmul_of_fp32_peak']:.1f}% of the fp32 peak, "
+               f"{100 * out['matmul_of_its_dtype_peak']:.1f}% of the {dtype} peak; they count "
+               f"{100 * out['profiled_matmul_flop_over_model_flop']:.0f}% of the model FLOP); with every other "
+               f"operator free the step would reach {100 * out['ceiling_mfu']:.1f}% executed MFU")
+    for s in shapes:
+        common.log(f"  {s['op']:<12} {str(s['shape']):<44} x{s['calls']:<4} {100 * s['share_of_matmul_time']:5.1f}%"
+                   f" of matmul time: {s['gflops_in_step']:6.1f} GFLOP/s in the step, {s['gflops_alone']:6.1f} alone")
+    return out
 
 
 if __name__ == "__main__":

@@ -54,14 +54,15 @@ def reference_logps(path: str, pairs: list[dict]) -> tuple[list[float], list[flo
     return table["ref_chosen_logps"].to_pylist(), table["ref_rejected_logps"].to_pylist()
 
 
-def build_engine(path: str, t):
-    """Model and engine as train_loop_per_worker builds them for one CPU worker (the DDPEngine path, world size 1)."""
+def build_engine(path: str, t, dtype: str = "float32"):
+    """Model and engine as train_loop_per_worker builds them for one CPU worker (the DDPEngine path, world size 1);
+    `dtype` is model.dtype (bf16-mixed: float32 weights, forward under bf16 autocast)."""
     from dpo_ray import logprobs
     from dpo_ray.engines import DDPEngine
 
     lm = common.load_model(path)
     # Since the prompt-sharing change the engine wraps the LM in SequenceScorer; before it, the bare LM.
-    model = logprobs.SequenceScorer(lm) if hasattr(logprobs, "SequenceScorer") else lm
+    model = logprobs.SequenceScorer(lm, dtype) if hasattr(logprobs, "SequenceScorer") else lm
     engine = DDPEngine(model, t, world=1)
     engine.model.train()
     return lm, engine
