@@ -57,7 +57,8 @@ def main() -> None:
     pad = tokenizer.pad_token_id
     peak = common.matmul_peak_gflops(threads=args.threads)["best_gflops"]
     kernel_dtype = torch.bfloat16 if args.dtype == "bf16-mixed" else torch.float32
-    kernel_peak = common.matmul_peak_gflops(threads=args.threads, dtype=kernel_dtype)["best_gflops"]
+    kernel_peak = (peak if kernel_dtype == torch.float32
+                   else common.matmul_peak_gflops(threads=args.threads, dtype=kernel_dtype)["best_gflops"])
 
     calls: dict[str, list[float]] = {"decoder": [], "lm_head": []}
     tokens_seen = {"decoder": 0, "lm_head": 0}
@@ -168,7 +169,7 @@ def main() -> None:
         common.log("self-CPU share by operator group: " + ", ".join(f"{g} {100 * v:.1f}%" for g, v in shares.items()))
         top.append({"groups": shares})
         flops["where_the_rest_goes"] = matmul_accounting(prof, groups["matmul (mm/addmm/bmm/linear)"], total_self,
-                                                         3 * fwd_flop, peak, kernel_peak, kernel_dtype, args.threads)
+                                                         3 * fwd_flop, peak, kernel_peak, kernel_dtype)
 
     out = common.write_result("profile_train_step", {
         "machine": common.machine_info(), "args": vars(args), "workload": common.describe_pairs(pairs[b:2 * b]),
@@ -195,7 +196,7 @@ def _time_alone(shape: tuple, dtype: torch.dtype, repeats: int = 20) -> float:
 
 
 def matmul_accounting(prof, matmul_ops: tuple, total_self_us: float, model_flop: float, fp32_peak: float,
-                      dtype_peak: float, dtype: torch.dtype, threads: int, top: int = 8) -> dict:
+                      dtype_peak: float, dtype: torch.dtype, top: int = 8) -> dict:
     """Split the profiled step into its matmul kernels (time, FLOP, rate, busiest shapes) and everything else."""
     mm = [e for e in prof.key_averages() if e.key.startswith(matmul_ops) and e.self_cpu_time_total > 0]
     mm_s = sum(e.self_cpu_time_total for e in mm) / 1e6
@@ -211,7 +212,6 @@ def matmul_accounting(prof, matmul_ops: tuple, total_self_us: float, model_flop:
         alone = e.flops / e.count / _time_alone(shape, dtype) / 1e9
         shapes.append({"op": e.key, "shape": shape, "calls": e.count, "share_of_matmul_time":
                        e.self_cpu_time_total / 1e6 / mm_s, "gflops_in_step": in_step, "gflops_alone": alone})
-    torch.set_num_threads(threads)
     out = {"matmul_share_of_step": mm_share, "matmul_gflops": rate, "matmul_of_fp32_peak": rate / fp32_peak,
            "matmul_of_its_dtype_peak": rate / dtype_peak,
            "profiled_matmul_flop_over_model_flop": mm_flop / model_flop,
