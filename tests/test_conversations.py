@@ -19,7 +19,7 @@ from dpo_ray.logprobs import SequenceScorer
 from dpo_ray.models import ModelSpec
 from dpo_ray.ops.judge import JudgeScorer, JudgeSpec
 from dpo_ray.ops.rewards import RewardModelScorer
-from dpo_ray.ops.samplers import SamplerSpec, TransformersSampler
+from dpo_ray.ops.samplers import SamplerSpec, TransformersSampler, sample_logp_is_exact
 from dpo_ray.ops.scorers import LogProbScorer, ScorerSpec
 from dpo_ray.stages import label
 from dpo_ray.stages.train import dpo_forward
@@ -108,6 +108,24 @@ def test_the_judge_is_shown_the_whole_conversation(monkeypatch):
                                    "completion": text} for text in ("Gripping.", "Dull.")])
     judge(group)
     assert shown == [f"{SYSTEM}\n\nHuman: Name a heist film.\n\nAssistant: Heat.\n\nHuman: Review it."]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bf16-mixed"])
+def test_evaluate_takes_the_sampling_models_log_prob_from_its_sampler_in_float32_inference(monkeypatch, dtype):
+    # bf16-mixed samples and scores in float32 outside training (models.inference_dtype), so there too the
+    # sampler's sample_logp is the evaluate scorer's log-prob and the scoring pass of the sampling model is skipped.
+    # A bf16 or fp16 model is not: its cached decode steps and a whole-sequence forward round differently.
+    cfg = _config(f"model.dtype={dtype}")
+    assert sample_logp_is_exact(cfg) and not sample_logp_is_exact(_config("model.dtype=bfloat16"))
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    threads = torch.get_num_threads()
+    sampler = TransformersSampler(SamplerSpec.of(cfg, POLICY, 2, 8, 1.0, 0))
+    torch.set_num_threads(threads)
+    prompts = schemas.rows_to_table([{"prompt_id": "plain", "prompt": "Review Heat.", "messages_json": None,
+                                      "split": "train"}], schemas.PROMPTS)
+    scored = LogProbScorer(ScorerSpec.of(cfg, POLICY, {"completion_ids": "logp"}))(sampler(prompts))
+    torch.testing.assert_close(torch.tensor(scored["logp"].to_pylist()),
+                               torch.tensor(scored["sample_logp"].to_pylist()), atol=1e-4, rtol=0)
 
 
 def test_the_implicit_labeler_and_training_score_the_tokens_the_sampler_used(sampled, tokenizer, monkeypatch):

@@ -32,9 +32,10 @@ from dpo_ray.text import decode_completion, prompt_token_ids, sampled_messages_j
 
 def sample_logp_is_exact(cfg: PipelineConfig) -> bool:
     """Whether `sample_logp` equals the scoring forward's log-prob of the sampling model, so a scoring pass of
-    that model can be skipped: true for the transformers sampler in fp32 (tested to 1e-4); vLLM's kernels and
-    reduced precision differ from the training forward."""
-    return cfg.sample.backend == "transformers" and cfg.model.dtype == "float32"
+    that model can be skipped: true for the transformers sampler in fp32 (tested to 1e-4), which is also what
+    bf16-mixed samples and scores in outside training (inference_dtype); vLLM's kernels and reduced precision
+    differ from the training forward."""
+    return cfg.sample.backend == "transformers" and inference_dtype(cfg.model.dtype) == "float32"
 
 
 @dataclass(frozen=True)
