@@ -205,6 +205,13 @@ def n_params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def forward_flop(model, decoder_tokens: int, head_rows: int) -> tuple[int, int]:
+    """FLOP of a forward as (decoder body, LM head): 2 x the non-embedding parameters per token through the decoder
+    (padding included), 2 x hidden x vocab per row through the output layer."""
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    return 2 * (n_params(model) - vocab * hidden) * decoder_tokens, 2 * hidden * vocab * head_rows
+
+
 # --- timing --------------------------------------------------------------------------------------------------
 
 class Clock:

@@ -21,7 +21,7 @@ import argparse
 import statistics
 
 import common
-from train_throughput import build_engine, reference_logps
+from train_throughput import build_engine, reference_logps, train_rows
 
 
 def compile_in_place(lm, scope: str) -> int:
@@ -62,7 +62,6 @@ def main() -> None:
     sides = {"eager": build_engine(path, t, args.dtype), "compiled": build_engine(path, t, args.dtype)}
     compiled_modules = compile_in_place(sides["compiled"][0], args.scope)
     lm = sides["eager"][0]
-    decoder_params = common.n_params(lm) - lm.config.vocab_size * lm.config.hidden_size
     executed = {"decoder_tokens": 0, "head_rows": 0}
 
     def count_decoder(module, args_, kwargs):
@@ -78,18 +77,13 @@ def main() -> None:
 
     def step(side: str, i: int) -> dict:
         _, engine = sides[side]
-        slot = range(i * b, (i + 1) * b)
-        rows = {k: [pairs[j][k] for j in slot] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-        rows["ref_chosen_logps"] = [ref_c[j] for j in slot]
-        rows["ref_rejected_logps"] = [ref_r[j] for j in slot]
         executed.update(decoder_tokens=0, head_rows=0)
-        (micro,) = _micro_batches(rows, t.micro_batch_size)
+        (micro,) = _micro_batches(train_rows(pairs, ref_c, ref_r, range(i * b, (i + 1) * b)), t.micro_batch_size)
         out, _, _ = dpo_forward(engine.model, micro, pad, t)
         engine.backward(out.loss)
         engine.step()
-        flop = 3 * 2 * (decoder_params * executed["decoder_tokens"]
-                        + lm.config.hidden_size * lm.config.vocab_size * executed["head_rows"])
-        return {"loss": float(out.loss), "train_flop": flop}
+        return {"loss": float(out.loss),
+                "train_flop": 3 * sum(common.forward_flop(lm, executed["decoder_tokens"], executed["head_rows"]))}
 
     peak = common.matmul_peak_gflops(threads=args.threads)["best_gflops"]
     common.log(f"{compiled_modules} modules compiled ({args.scope}); fp32 matmul peak {peak:.1f} GFLOP/s")
@@ -99,12 +93,11 @@ def main() -> None:
     peak = max(peak, peak_after)
     result = {}
     for side in sides:
-        kept = range(args.warmup, args.rounds)
-        median = statistics.median(times[side][i] for i in kept)
-        mfu = statistics.median(outputs[side][i]["train_flop"] / times[side][i] / 1e9 / peak for i in kept)
+        mfu = statistics.median(outputs[side][i]["train_flop"] / times[side][i] / 1e9 / peak
+                                for i in range(args.warmup, args.rounds))
         result[side] = {**common.summarize(times[side], args.warmup, cpu[side]), "executed_mfu": mfu,
                         "losses": [o["loss"] for o in outputs[side]]}
-        common.log(f"{side}: median step {median:.2f}s, executed MFU {100 * mfu:.1f}%")
+        common.log(f"{side}: median step {result[side]['median_s']:.2f}s, executed MFU {100 * mfu:.1f}%")
     result["speedup"] = result["eager"]["median_s"] / result["compiled"]["median_s"]
     result["compile_s"] = times["compiled"][0] - times["eager"][0]
     result["max_loss_gap"] = max(abs(a - c) for a, c in zip(result["eager"]["losses"], result["compiled"]["losses"]))

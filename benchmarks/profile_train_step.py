@@ -31,7 +31,7 @@ import time
 import torch
 
 import common
-from train_throughput import build_engine, reference_logps
+from train_throughput import build_engine, reference_logps, train_rows
 
 
 def main() -> None:
@@ -79,12 +79,6 @@ def main() -> None:
         module.register_forward_pre_hook(pre, with_kwargs=True)
         module.register_forward_hook(post, with_kwargs=True)
 
-    def rows(slot: range) -> dict:
-        out = {k: [pairs[j][k] for j in slot] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-        out["ref_chosen_logps"] = [ref_c[j] for j in slot]
-        out["ref_rejected_logps"] = [ref_r[j] for j in slot]
-        return out
-
     def step(slot: range) -> dict:
         for v in calls.values():
             v.clear()
@@ -92,7 +86,7 @@ def main() -> None:
             tokens_seen[k] = 0
         phases, cpu = {}, {}
         with common.Clock() as c:
-            micro = _micro_batches(rows(slot), t.micro_batch_size)
+            micro = _micro_batches(train_rows(pairs, ref_c, ref_r, slot), t.micro_batch_size)
             (m,) = micro
             out, _, n_tokens = dpo_forward(engine.model, m, pad, t)
         phases["forward"], cpu["forward"] = c.wall, c.cpu
@@ -120,11 +114,7 @@ def main() -> None:
         common.log(f"  {k:<12} {ph[k]:7.2f}s wall {100 * ph[k] / step_s:5.1f}%"
                    + (f"   {c:7.2f}s cpu {100 * c / total.cpu:5.1f}%" if c is not None else ""))
 
-    hidden, vocab = lm.config.hidden_size, lm.config.vocab_size
-    n = common.n_params(lm)
-    embed = vocab * hidden
-    body_flop = 2 * (n - embed) * info["decoder_tokens_incl_padding"]
-    head_flop = 2 * hidden * vocab * info["head_rows"]
+    body_flop, head_flop = common.forward_flop(lm, info["decoder_tokens_incl_padding"], info["head_rows"])
     fwd_flop = body_flop + head_flop
     flops = {"forward_flop": fwd_flop, "train_flop_3x": 3 * fwd_flop,
              "head_share_of_flop": head_flop / fwd_flop,

@@ -54,6 +54,14 @@ def reference_logps(path: str, pairs: list[dict]) -> tuple[list[float], list[flo
     return table["ref_chosen_logps"].to_pylist(), table["ref_rejected_logps"].to_pylist()
 
 
+def train_rows(pairs: list[dict], ref_c: list[float], ref_r: list[float], slot) -> dict[str, list]:
+    """The columns the train step reads, for the pairs at indices `slot`."""
+    out = {k: [pairs[j][k] for j in slot] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    out["ref_chosen_logps"] = [ref_c[j] for j in slot]
+    out["ref_rejected_logps"] = [ref_r[j] for j in slot]
+    return out
+
+
 def build_engine(path: str, t, dtype: str = "float32"):
     """Model and engine as train_loop_per_worker builds them for one CPU worker (the DDPEngine path, world size 1);
     `dtype` is model.dtype (bf16-mixed: float32 weights, forward under bf16 autocast)."""
@@ -77,17 +85,10 @@ def _our_side(path: str, pairs: list[dict], tokenizer, batch: int, beta: float, 
     t = TrainConfig(beta=beta, lr=lr, batch_size=batch, micro_batch_size=batch, max_grad_norm=1.0, warmup_steps=0)
     lm, engine = build_engine(path, t)
 
-    def rows_of(i: int) -> dict[str, list]:
-        sl = slot(i)
-        out = {k: [pairs[j][k] for j in sl] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-        out["ref_chosen_logps"] = [ref_c[j] for j in sl]
-        out["ref_rejected_logps"] = [ref_r[j] for j in sl]
-        return out
-
     def step(i: int) -> dict:
         # The body of train_loop_per_worker's step loop, minus Ray Data, metric reduction, logging, checkpoints.
         tokens = 0
-        micro = _micro_batches(rows_of(i), t.micro_batch_size)
+        micro = _micro_batches(train_rows(pairs, ref_c, ref_r, slot(i)), t.micro_batch_size)
         for m, rows in enumerate(micro):
             with engine.no_sync(m < len(micro) - 1):
                 out, metrics, n_tokens = dpo_forward(engine.model, rows, pad, t)
