@@ -120,10 +120,10 @@ def test_evaluate_takes_the_sampling_models_log_prob_from_its_sampler_in_float32
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
     threads = torch.get_num_threads()
     sampler = TransformersSampler(SamplerSpec.of(cfg, POLICY, 2, 8, 1.0, 0))
-    torch.set_num_threads(threads)
     prompts = schemas.rows_to_table([{"prompt_id": "plain", "prompt": "Review Heat.", "messages_json": None,
                                       "split": "train"}], schemas.PROMPTS)
     scored = LogProbScorer(ScorerSpec.of(cfg, POLICY, {"completion_ids": "logp"}))(sampler(prompts))
+    torch.set_num_threads(threads)  # the sampler and the scorer each set run.torch_threads for this process
     torch.testing.assert_close(torch.tensor(scored["logp"].to_pylist()),
                                torch.tensor(scored["sample_logp"].to_pylist()), atol=1e-4, rtol=0)
 
