@@ -106,6 +106,18 @@ def code_version() -> dict:
 _CODE_AT_START = code_version()
 
 
+def call_times(call, warmup: int, repeats: int) -> list[float]:
+    """Wall seconds of each of `repeats` calls of `call()`, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10, threads: int = 2, dtype: torch.dtype = torch.float32) -> dict:
     """Best GFLOP/s of torch.matmul on (n, n) x (n, n) in `dtype` with `threads` threads (2*n^3 FLOP per matmul)."""
     previous = torch.get_num_threads()
@@ -115,13 +127,7 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10, threads: int = 2, dtype
         a = torch.randn(n, n, generator=g).to(dtype)
         b = torch.randn(n, n, generator=g).to(dtype)
         out = torch.empty(n, n, dtype=dtype)
-        for _ in range(2):
-            torch.matmul(a, b, out=out)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.matmul(a, b, out=out)
-            times.append(time.perf_counter() - start)
+        times = call_times(lambda: torch.matmul(a, b, out=out), warmup=2, repeats=repeats)
     finally:
         torch.set_num_threads(previous)
     flop = 2 * n**3

@@ -175,14 +175,7 @@ def _time_alone(shape: tuple, dtype: torch.dtype, repeats: int = 20) -> float:
     *_, a_shape, b_shape = shape
     a, b = torch.randn(*a_shape).to(dtype), torch.randn(*b_shape).to(dtype)
     fn = torch.bmm if len(a_shape) == 3 else torch.mm
-    for _ in range(3):
-        fn(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(a, b)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(common.call_times(lambda: fn(a, b), warmup=3, repeats=repeats))
 
 
 def matmul_accounting(prof, matmul_ops: tuple, total_self_us: float, model_flop: float, fp32_peak: float,
