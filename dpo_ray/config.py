@@ -168,6 +168,11 @@ class LabelConfig(_Section):
     # a pair is kept only if this reward's gap, chosen minus rejected, is at least filter_min_margin.
     filter_labeler: Literal["sentiment", "reward_model", "judge"] | None = None
     filter_min_margin: float = Field(0.0, ge=0)
+    # implicit labeler: drop a pair whose chosen completion's mean log-prob per token under the implicit reference is
+    # more than this many nats below the rejected's (None: no guard). The implicit reward is highest where the
+    # reference finds a sample least likely, and those samples are the ones leaving the task; 0 keeps a pair only
+    # if its chosen is at least as fluent as its rejected (benchmarks/README.md, 2026-12-06, the fluency guard).
+    fluency_guard: float | None = Field(None, ge=0)
     batch_size: int = Field(32, ge=1)
     # judge labeler (ops/judge.py): a chat model compares two completions of a prompt, in both orders; a completion's
     # reward is its mean win share against the prompt's other completions (win 1, tie 0.5, loss 0), in [0, 1].
@@ -206,6 +211,9 @@ class LabelConfig(_Section):
         for key in ("labeler", "filter_labeler"):
             if getattr(self, key) == "reward_model" and not self.reward_model:
                 raise ValueError(f"label.reward_model: required when label.{key} is reward_model")
+        if self.fluency_guard is not None and self.labeler != "implicit":
+            raise ValueError(f"label.fluency_guard: guards the implicit labeler's pairs, not {self.labeler}'s; "
+                             "set label.labeler=implicit or leave it unset")
         if self.filter_labeler == self.labeler:
             raise ValueError(f"label.filter_labeler: {self.labeler} would only filter by itself; pick another "
                              "reward or leave it unset")

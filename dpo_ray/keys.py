@@ -38,7 +38,7 @@ def digest(path: str | Path | list, what: str) -> str:
 
 # Config keys added after run folders were made, by section: left out of a stage key while at their default, so
 # those folders keep their keys and are not recomputed by the upgrade.
-ADDED_LATER = {"label": ("judge_model", "judge_rubric", "judge_tie_margin"),
+ADDED_LATER = {"label": ("judge_model", "judge_rubric", "judge_tie_margin", "fluency_guard"),
                "train": ("kl_budget", "kl_probe_prompts", "simpo_gamma", "length_normalize",
                          "gradient_checkpointing", "offload_optimizer",
                          "lora", "lora.quantize"),

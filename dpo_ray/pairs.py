@@ -23,6 +23,8 @@ class PairStats:
     below_margin_dropped: int = 0
     # Pairs dropped because the filter reward (label.filter_labeler) disagreed with the labeler's order.
     filter_disagreed: int = 0
+    # Pairs dropped because their chosen completion is less fluent than their rejected (label.fluency_guard).
+    fluency_guard_dropped: int = 0
     # Prompts that yielded no pair at all.
     prompts_without_pair: int = 0
     nonfinite_scores: int = 0
@@ -42,6 +44,8 @@ def build_pairs(
     min_margin: float = 0.0,
     filter_scores: Sequence[float] | None = None,
     filter_min_margin: float = 0.0,
+    fluency: Sequence[float] | None = None,
+    max_fluency_drop: float = 0.0,
 ) -> tuple[list[tuple[int, int]], PairStats]:
     """Indices (chosen, rejected) into the completions of ONE prompt, and what was dropped on the way.
 
@@ -51,11 +55,14 @@ def build_pairs(
     needs a gap of at least min_margin (and above zero). A non-finite score removes its completion.
     filter_scores: a second, external score per completion; a pair survives only if its filter gap
     (chosen minus rejected) is at least filter_min_margin, so with 0 the filter may tie but never contradict.
+    fluency: a per-token log-prob per completion; a pair survives only if its chosen's is at most
+    max_fluency_drop below its rejected's.
     """
     if len(texts) != len(scores):
         raise ValueError(f"{len(texts)} texts but {len(scores)} scores")
-    if filter_scores is not None and len(filter_scores) != len(scores):
-        raise ValueError(f"{len(scores)} scores but {len(filter_scores)} filter scores")
+    for name, extra in (("filter scores", filter_scores), ("fluency values", fluency)):
+        if extra is not None and len(extra) != len(scores):
+            raise ValueError(f"{len(scores)} scores but {len(extra)} {name}")
     stats = PairStats(prompts=1, completions=len(texts))
     keep = _pairable_completions(texts, scores, filter_scores, stats)
     candidates = _candidate_pairs(keep, scores, mode)
@@ -68,6 +75,8 @@ def build_pairs(
             stats.below_margin_dropped += 1
         elif filter_scores is not None and not filter_scores[chosen] - filter_scores[rejected] >= filter_min_margin:
             stats.filter_disagreed += 1
+        elif fluency is not None and not fluency[chosen] >= fluency[rejected] - max_fluency_drop:
+            stats.fluency_guard_dropped += 1
         else:
             pairs.append((chosen, rejected))
     stats.pairs = len(pairs)

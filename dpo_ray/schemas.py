@@ -40,8 +40,9 @@ COMPLETIONS = _schema(
 )
 
 # label: completions with their scores (kept so a reader can audit every pair).
-# `filter_reward`: label.filter_labeler's score, null when no filter is configured.
-SCORED = _schema(COMPLETIONS, reward=pa.float64(), filter_reward=pa.float64())
+# `filter_reward`: label.filter_labeler's score, null when no filter is configured. `reference_token_logp`: the
+# implicit labeler's reference log-prob of the completion per token (label.fluency_guard), null for other labelers.
+SCORED = _schema(COMPLETIONS, reward=pa.float64(), filter_reward=pa.float64(), reference_token_logp=pa.float64())
 
 # label: preference pairs.
 PAIRS = _schema(

@@ -148,6 +148,15 @@ def test_filter_labeler_is_checked_at_load():
     assert cfg.label.filter_labeler == "sentiment" and cfg.label.filter_min_margin == 0.0
 
 
+def test_fluency_guard_is_for_the_implicit_labeler():
+    assert config_error(["label.fluency_guard=0"]).startswith(
+        "label.fluency_guard: guards the implicit labeler's pairs, not sentiment's")
+    implicit = ["label.labeler=implicit", "evaluate.labeler=sentiment", "label.implicit_policy=/models/a-policy"]
+    assert "label.fluency_guard" in config_error([*implicit, "label.fluency_guard=-1"])
+    cfg = load_config(None, [*implicit, "label.fluency_guard=0.1"])
+    assert cfg.label.fluency_guard == 0.1 and load_config(None, []).label.fluency_guard is None
+
+
 def test_frontier_trains_as_many_variants_at_once_as_the_cluster_holds():
     from dpo_ray.config import concurrent_trainings
 

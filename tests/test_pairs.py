@@ -136,6 +136,25 @@ def test_filter_keeps_agreeing_pairs_and_checks_each_candidate():
     assert stats.filter_disagreed == 1 and stats.pairs == 2
 
 
+def test_fluency_guard_drops_a_chosen_less_fluent_than_its_rejected():
+    texts, scores = ["a", "b", "c"], [0.0, 1.0, 2.0]
+    # Per-token log-probs: c (the labeler's best) is the least fluent, 0.5 nats a token below a, 0.2 below b.
+    fluency = [-2.0, -2.3, -2.5]
+    pairs, stats = build_pairs(texts, scores, fluency=fluency)
+    assert pairs == [] and stats.fluency_guard_dropped == 1 and stats.prompts_without_pair == 1
+    pairs, stats = build_pairs(texts, scores, fluency=fluency, max_fluency_drop=0.5)
+    assert pairs == [(2, 0)] and stats.fluency_guard_dropped == 0
+    pairs, stats = build_pairs(texts, scores, "all_pairs", fluency=fluency, max_fluency_drop=0.35)
+    assert sorted(pairs) == [(1, 0), (2, 1)] and stats.fluency_guard_dropped == 1 and stats.pairs == 2
+    # Equal fluency passes at drop 0; a NaN never passes; the guard runs after the filter, which counts first.
+    assert build_pairs(["a", "b"], [0.0, 1.0], fluency=[-2.0, -2.0])[0] == [(1, 0)]
+    assert build_pairs(["a", "b"], [0.0, 1.0], fluency=[-2.0, math.nan])[1].fluency_guard_dropped == 1
+    _, stats = build_pairs(["a", "b"], [0.0, 1.0], filter_scores=[1.0, 0.0], fluency=[0.0, -9.0])
+    assert stats.filter_disagreed == 1 and stats.fluency_guard_dropped == 0
+    with pytest.raises(ValueError, match="2 scores but 1 fluency values"):
+        build_pairs(["a", "b"], [0.0, 1.0], fluency=[-2.0])
+
+
 def test_nonfinite_filter_score_removes_the_completion_and_lengths_must_match():
     pairs, stats = build_pairs(["a", "b", "c"], [0.0, 1.0, 2.0], filter_scores=[0.0, 1.0, math.nan])
     assert pairs == [(1, 0)] and stats.nonfinite_scores == 1

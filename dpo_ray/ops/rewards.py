@@ -136,8 +136,9 @@ class RewardModel(Labeler):
 
 class ImplicitReward(Labeler):
     def add_rewards(self, ds: ray.data.Dataset, column: str, sampled_by: str | None) -> ray.data.Dataset:
-        """`sampled_by`: the model whose `sample_logp` every row carries, if one did; its log-probs are then taken
-        from the sampler instead of scored again where they are exact."""
+        """Also appends `reference_token_logp`, the reference's log-prob per completion token (what
+        label.fluency_guard compares). `sampled_by`: the model whose `sample_logp` every row carries, if one did;
+        its log-probs are then taken from the sampler instead of scored again where they are exact."""
         cfg, lab = self.cfg, self.cfg.label
         ds = completion_logps_columns(ds, cfg, [(lab.implicit_policy or cfg.model.policy, "_implicit_policy_logp"),
                                                 (lab.implicit_reference or cfg.reference_model,
@@ -145,9 +146,12 @@ class ImplicitReward(Labeler):
         beta = lab.implicit_beta
 
         def implicit_reward(batch: pa.Table) -> pa.Table:
-            diff = pc.subtract(batch["_implicit_policy_logp"], batch["_implicit_reference_logp"])
+            reference = batch["_implicit_reference_logp"]
+            diff = pc.subtract(batch["_implicit_policy_logp"], reference)
+            tokens = pc.max_element_wise(pc.list_value_length(batch["completion_ids"]), 1)
             batch = batch.drop_columns(["_implicit_policy_logp", "_implicit_reference_logp"])
-            return batch.append_column(column, pc.multiply(diff, beta))
+            return (batch.append_column(column, pc.multiply(diff, beta))
+                    .append_column("reference_token_logp", pc.divide(reference, pc.cast(tokens, pa.float64()))))
 
         return ds.map_batches(implicit_reward, batch_format="pyarrow")
 

@@ -2,7 +2,8 @@
 
 The labelers (sentiment, reward model, implicit reward, LLM judge) are in `ops/rewards.py`. `label.filter_labeler`
 scores every completion a second time with another labeler (`filter_reward`) and keeps only the pairs it does not
-contradict: implicit self-labels filtered by sentiment are then a config choice.
+contradict: implicit self-labels filtered by sentiment are then a config choice. `label.fluency_guard` also drops
+implicit self-labels whose chosen completion the reference finds less likely per token than the rejected.
 
 Outputs: `scored/` (schemas.SCORED, every completion with its reward) and `pairs/` (schemas.PAIRS); an import
 writes `pairs/` and the rejected rows, if any.
@@ -55,7 +56,9 @@ def _group_pairs(group: pa.Table, lab: LabelConfig) -> tuple[list[dict], PairSta
     rows = sorted(group.to_pylist(), key=lambda r: r["sample_index"])
     index_pairs, stats = build_pairs(
         [r["completion"] for r in rows], [r["reward"] for r in rows], lab.pairing, lab.min_margin,
-        [r["filter_reward"] for r in rows] if lab.filter_labeler else None, lab.filter_min_margin)
+        [r["filter_reward"] for r in rows] if lab.filter_labeler else None, lab.filter_min_margin,
+        [r["reference_token_logp"] for r in rows] if lab.fluency_guard is not None else None,
+        lab.fluency_guard or 0.0)
     pairs = []
     for c, r in index_pairs:
         chosen, rejected = rows[c], rows[r]
@@ -87,8 +90,8 @@ def _pairs_with_stats(group: pa.Table, lab: LabelConfig) -> pa.Table:
     return schemas.rows_to_table(pairs, _PAIRING)
 
 
-def _no_filter_reward(batch: pa.Table) -> pa.Table:
-    return batch.append_column("filter_reward", pa.nulls(batch.num_rows, pa.float64()))
+def _null_column(batch: pa.Table, name: str) -> pa.Table:
+    return batch.append_column(name, pa.nulls(batch.num_rows, pa.float64()))
 
 
 def _no_messages(batch: pa.Table) -> pa.Table:
@@ -122,8 +125,10 @@ def label_completions(cfg: PipelineConfig, completions_path: Path, out: Path, sa
         # pipeline can take the CPUs its read tasks need and wait on each other forever (seen on 2 CPUs).
         scored = add_rewards(scored.materialize(), cfg, cfg.label.filter_labeler, column="filter_reward")
     else:
-        scored = scored.map_batches(_no_filter_reward, batch_format="pyarrow")
-    scored.write_parquet(str(out / "scored"))
+        scored = scored.map_batches(_null_column, fn_args=("filter_reward",), batch_format="pyarrow")
+    if cfg.label.labeler != "implicit":
+        scored = scored.map_batches(_null_column, fn_args=("reference_token_logp",), batch_format="pyarrow")
+    scored.select_columns(schemas.SCORED.names).write_parquet(str(out / "scored"))
     paired = (
         by_prompt(ray.data.read_parquet(str(out / "scored")))
         .map_groups(_pairs_with_stats, fn_args=(cfg.label,), batch_format="pyarrow")
