@@ -1,7 +1,8 @@
 """Iterative rounds on the tiny model, as README's recipe (configs/rounds.yaml) runs them: round 1 labeled by
-sentiment, rounds 2-3 self-labeled by the previous policy's implicit reward filtered by sentiment, each round
-within its share of the KL budget, replaying earlier pairs, audited by a judge that never trains. (The soft
-reference's stage and its place between rounds are tested without a cluster in test_rounds_mechanics.py.)"""
+sentiment, rounds 2-3 self-labeled by the previous policy's implicit reward filtered by sentiment and guarded by the
+initial model's fluency, each round within its share of the KL budget, replaying earlier pairs, audited by a judge
+that never trains. (The soft reference's stage and its place between rounds are tested without a cluster in
+test_rounds_mechanics.py.)"""
 
 import json
 import re
@@ -40,6 +41,7 @@ def test_the_rounds_recipe_runs_as_the_readme_writes_it(tmp_path):
     assert read_manifest(run_dir / "round_2" / "label")["inputs"]["label"]["labeler"] == "implicit"
     assert read_manifest(run_dir / "round_3" / "train")["inputs"]["init"] is None  # rounds.init=previous
     _check_filter(run_dir)
+    _check_fluency_guard(run_dir)
     _check_kl_budget(run_dir)
     _check_replay(run_dir)
     # Every round is judged on round 1's held-out prompts and the baseline's samples of them, sampled once.
@@ -85,10 +87,35 @@ def _check_filter(run_dir: Path) -> None:
     assert "filter_disagreed" in stats and stats["pairs"] == len(pairs)
 
 
+def _check_fluency_guard(run_dir: Path) -> None:
+    """Round 1 (sentiment) has no reference log-prob per token; in rounds 2-3 (implicit, label.fluency_guard=0) every
+    completion has it, it is the reference stage's log-prob of the same tokens over their count, and no kept pair's
+    chosen is less fluent than its rejected."""
+    assert schemas.read_table(run_dir / "round_1" / "label" / "scored",
+                              schemas.SCORED)["reference_token_logp"].null_count > 0
+    for k in (2, 3):
+        scored = schemas.read_table(run_dir / f"round_{k}" / "label" / "scored", schemas.SCORED).to_pylist()
+        fluency = {(r["prompt_id"], r["completion"]): r["reference_token_logp"] for r in scored}
+        assert None not in fluency.values()
+        pairs = schemas.read_table(run_dir / f"round_{k}" / "label" / "pairs", schemas.PAIRS).to_pylist()
+        for p in pairs:
+            assert fluency[(p["prompt_id"], p["chosen"])] >= fluency[(p["prompt_id"], p["rejected"])]
+        stats = read_manifest(run_dir / f"round_{k}" / "label")["stats"]
+        assert stats["pairs"] == len(pairs) and "fluency_guard_dropped" in stats
+        # The labeler's reference is the reference stage's (rounds.reference=initial): the same log-probs.
+        referenced = schemas.read_table(run_dir / f"round_{k}" / "reference", schemas.REFERENCE).to_pylist()
+        own = [r for r in referenced if not r["pair_id"].startswith("replay")]
+        assert own
+        for r in own:
+            per_token = r["ref_chosen_logps"] / max(1, len(r["chosen_ids"]))
+            assert fluency[(r["prompt_id"], r["chosen"])] == pytest.approx(per_token, abs=1e-4)
+
+
 def _check_kl_budget(run_dir: Path) -> None:
-    """rounds.kl_budget=12 over 3 rounds: 4, 8, 12 nats; each round kept a checkpoint within it or said it could not."""
+    """rounds.kl_budget=9 over 3 rounds: 3, 6, 9 nats, round 1 its own 4; each round kept a checkpoint within it or
+    said it could not."""
     budgets = [read_manifest(run_dir / f"round_{k}" / "train")["stats"] for k in (1, 2, 3)]
-    assert [b["kl_budget"] for b in budgets] == [4, 8, 12]
+    assert [b["kl_budget"] for b in budgets] == [4, 6, 9]
     for b in budgets:
         assert b["kept_kl"] <= b["kl_budget"] if b["kl_budget_met"] else b["kept_kl"] > b["kl_budget"]
         assert b["kl_probes"][0]["step"] == b["steps"]
