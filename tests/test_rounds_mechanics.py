@@ -151,6 +151,26 @@ def test_replay_count_and_draw():
     assert replay_choice(ids, 30, seed=1) != drawn
 
 
+def test_replay_of_no_pairs_adds_nothing(tmp_path):
+    """A round with one new pair at share 0.25 replays round(1/3) = 0 pairs: nothing is added and the stats say so
+    (the draw used to hand pyarrow an empty list, which it cannot take with)."""
+    import pyarrow.parquet as pq
+
+    from dpo_ray import schemas
+    from dpo_ray.stages.reference import _replayed
+
+    rows = [{"pair_id": f"p{i}:0>1", "prompt_id": f"p{i}", "prompt": "x", "prompt_ids": [1], "chosen": "a",
+             "chosen_ids": [2], "rejected": "b", "rejected_ids": [3], "chosen_reward": 1.0, "rejected_reward": 0.0}
+            for i in range(3)]
+    (tmp_path / "pairs").mkdir()
+    pq.write_table(schemas.rows_to_table(rows, schemas.PAIRS), tmp_path / "pairs" / "part.parquet")
+    cfg = load_config("configs/tiny.yaml", ["reference.replay_share=0.25"])
+    assert _replayed(cfg, [tmp_path / "pairs"], new_pairs=1) == (None, {"replayed_pairs": 0, "replay_pool": 3})
+    replayed, stats = _replayed(cfg, [tmp_path / "pairs"], new_pairs=6)
+    assert stats == {"replayed_pairs": 2, "replay_pool": 3} and replayed.num_rows == 2
+    assert all(pair_id.startswith("replay1/") for pair_id in replayed["pair_id"].to_pylist())
+
+
 def test_kl_budget_probes_backward_from_the_last_checkpoint():
     from dpo_ray.ops.kl_budget import choose_checkpoint
 

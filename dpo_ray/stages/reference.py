@@ -53,8 +53,10 @@ def _replayed(cfg: PipelineConfig, folders: list[Path], new_pairs: int) -> tuple
         tables.append(table.set_column(table.schema.get_field_index("pair_id"), "pair_id", ids))
     pool = pa.concat_tables(tables)
     count = replay_count(new_pairs, pool.num_rows, cfg.reference.replay_share)
-    chosen = pool.take(replay_choice(pool["pair_id"].to_pylist(), count, cfg.run.seed))
-    return chosen, {"replayed_pairs": chosen.num_rows, "replay_pool": pool.num_rows}
+    stats = {"replayed_pairs": count, "replay_pool": pool.num_rows}
+    if count == 0:  # a round with a single new pair at share 0.25, say
+        return None, stats
+    return pool.take(replay_choice(pool["pair_id"].to_pylist(), count, cfg.run.seed)), stats
 
 
 def _side_keys(batch: pa.RecordBatch | pa.Table) -> list[tuple[bytes, ...]]:
