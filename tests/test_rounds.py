@@ -19,10 +19,11 @@ from dpo_ray.artifacts import read_manifest
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("sample", "label", "reference", "train", "evaluate")
-# What makes the recipe small: the tiny model as policy and judge, few prompts and tokens, a learning rate the
-# tiny model moves at.
-SMALL = ["model.policy=builtin:tiny-llama", "label.judge_model=builtin:tiny-llama", "data.num_train_prompts=12",
-         "data.num_eval_prompts=4", "sample.max_new_tokens=12", "train.lr=1e-3", "train.batch_size=4",
+# What makes the recipe small: the tiny model as policy and judge, few samples and tokens, a learning rate the
+# tiny model moves at. Its random text leaves a self-labeled pair on one prompt in 12-24 once the sentiment filter
+# and the fluency guard have run, so rounds sample 2 completions of each of 96 prompts.
+SMALL = ["model.policy=builtin:tiny-llama", "label.judge_model=builtin:tiny-llama", "data.num_train_prompts=96",
+         "sample.n=2", "data.num_eval_prompts=4", "sample.max_new_tokens=12", "train.lr=1e-3", "train.batch_size=4",
          "train.micro_batch_size=2", "train.kl_probe_prompts=4", "train.checkpoint_every=2", "run.torch_threads=1"]
 
 
