@@ -90,8 +90,11 @@ def _pairs_with_stats(group: pa.Table, lab: LabelConfig) -> pa.Table:
     return schemas.rows_to_table(pairs, _PAIRING)
 
 
-def _null_column(batch: pa.Table, name: str) -> pa.Table:
-    return batch.append_column(name, pa.nulls(batch.num_rows, pa.float64()))
+def _as_scored(batch: pa.Table) -> pa.Table:
+    """The batch's columns in SCORED's order; one that no labeler of this config gives (filter_reward without a
+    filter, reference_token_logp without the implicit labeler) null."""
+    return pa.Table.from_arrays([batch[f.name] if f.name in batch.column_names else pa.nulls(batch.num_rows, f.type)
+                                 for f in schemas.SCORED], names=schemas.SCORED.names)
 
 
 def _no_messages(batch: pa.Table) -> pa.Table:
@@ -124,11 +127,7 @@ def label_completions(cfg: PipelineConfig, completions_path: Path, out: Path, sa
         # Materialized first, so only one scorer's actor pool holds CPUs at a time: two pools in one streaming
         # pipeline can take the CPUs its read tasks need and wait on each other forever (seen on 2 CPUs).
         scored = add_rewards(scored.materialize(), cfg, cfg.label.filter_labeler, column="filter_reward")
-    else:
-        scored = scored.map_batches(_null_column, fn_args=("filter_reward",), batch_format="pyarrow")
-    if cfg.label.labeler != "implicit":
-        scored = scored.map_batches(_null_column, fn_args=("reference_token_logp",), batch_format="pyarrow")
-    scored.select_columns(schemas.SCORED.names).write_parquet(str(out / "scored"))
+    scored.map_batches(_as_scored, batch_format="pyarrow").write_parquet(str(out / "scored"))
     paired = (
         by_prompt(ray.data.read_parquet(str(out / "scored")))
         .map_groups(_pairs_with_stats, fn_args=(cfg.label,), batch_format="pyarrow")
