@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 BUILTIN_TINY = "builtin:tiny-llama"
+# Labelers that score a completion from outside the policy (ops/rewards.py): what may filter, evaluate or audit.
+ExternalLabeler = Literal["sentiment", "textblob", "reward_model", "judge"]
 
 
 class _Section(BaseModel):
@@ -155,7 +157,7 @@ class SampleConfig(_ActorPool):
 
 
 class LabelConfig(_Section):
-    labeler: Literal["sentiment", "reward_model", "implicit", "judge"] = "sentiment"
+    labeler: Literal[ExternalLabeler, "implicit"] = "sentiment"
     # reward_model labeler: a local AutoModelForSequenceClassification folder with one output.
     reward_model: str | None = None
     # implicit labeler: beta*log(policy/reference); both default to model.policy / model.reference.
@@ -166,7 +168,7 @@ class LabelConfig(_Section):
     min_margin: float = Field(0.0, ge=0)
     # An external reward that must not contradict the labeler (e.g. implicit self-labels filtered by sentiment):
     # a pair is kept only if this reward's gap, chosen minus rejected, is at least filter_min_margin.
-    filter_labeler: Literal["sentiment", "reward_model", "judge"] | None = None
+    filter_labeler: ExternalLabeler | None = None
     filter_min_margin: float = Field(0.0, ge=0)
     # implicit labeler: drop a pair whose chosen completion's mean log-prob per token under the implicit reference is
     # more than this many nats below the rejected's (None: no guard). The implicit reward is highest where the
@@ -352,7 +354,7 @@ class TrainConfig(_Section):
 
 class EvaluateConfig(_Section):
     # The external reward that judges policy against reference; None: label.labeler.
-    labeler: Literal["sentiment", "reward_model", "judge"] | None = None
+    labeler: ExternalLabeler | None = None
     samples_per_prompt: int = Field(2, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)
     # Temperature 1 samples the policy itself, which the Monte-Carlo KL estimate assumes.
@@ -365,9 +367,9 @@ class EvaluateConfig(_Section):
     # The model the policy is judged against; None: the reference model. Rounds after the first set it to the
     # initial reference, so every round is judged against the same model whatever it trains against.
     baseline: str | None = None
-    # Labelers that score the same held-out samples but never train (sentiment, reward_model, judge): each one's mean
+    # Labelers that score the same held-out samples but never train (ExternalLabeler): each one's mean
     # reward and win rate is reported as audit_<name>_*, so a reward that only the training labeler sees shows.
-    audit_labelers: list[Literal["sentiment", "reward_model", "judge"]] = []
+    audit_labelers: list[ExternalLabeler] = []
     # The divergence flag (quality.divergence): raised when a text-quality measure of the policy is worse than the
     # baseline's by more than this share of the baseline's value, or when an audit's win rate falls while the
     # training labeler's rises.
@@ -445,7 +447,8 @@ class PipelineConfig(_Section):
                 raise ValueError(f"sample.temperature: 0 is greedy decoding, so the sample.n={self.sample.n} "
                                  "completions of a prompt are identical and make no pairs; use a temperature > 0")
         if self.evaluate.labeler is None and self.label.labeler == "implicit":
-            raise ValueError("evaluate.labeler: required when label.labeler is implicit (sentiment or reward_model)")
+            raise ValueError("evaluate.labeler: required when label.labeler is implicit (an external labeler: "
+                             "sentiment, textblob, reward_model or judge)")
         lab = self.label
         if lab.labeler == "implicit" and (lab.implicit_policy or self.model.policy) == (
                 lab.implicit_reference or self.reference_model):

@@ -139,6 +139,21 @@ def test_audit_rewards_get_their_own_means_and_win_rate():
     assert not any(k.startswith("audit_") for k in compute_metrics(ROWS, beta=0.1))
 
 
+def test_the_lexicon_labelers_score_each_completion_alone():
+    """`sentiment` (VADER's compound) and `textblob` (pattern's polarity) on texts with known scores: both rank praise
+    above a pan, and TextBlob reads "not good" as negative."""
+    import pyarrow as pa
+
+    from dpo_ray.ops.rewards import lexicon_column
+
+    texts = ["A wonderful film.", "Boring and awful.", "The film is not good.", ""]
+    batch = pa.table({"completion": texts})
+    assert lexicon_column(batch, "r", "textblob")["r"].to_pylist() == pytest.approx([1.0, -1.0, -0.35, 0.0])
+    vader = lexicon_column(batch, "r", "sentiment")["r"].to_pylist()
+    assert vader[0] == pytest.approx(0.5719) and vader[1] < 0 and vader[3] == 0.0
+    assert lexicon_column(batch, "r", "textblob").column_names == ["completion", "r"]
+
+
 def _prompts_file(folder, eval_prompts=("a", "b")):
     path = folder / "prompts.parquet"
     rows = [{"prompt_id": p, "prompt": f"prompt {p}", "messages_json": None, "split": "eval"} for p in eval_prompts]

@@ -130,6 +130,8 @@ def test_every_round_holds_out_the_same_prompts_trains_on_none_of_them_and_reuse
     (["evaluate.audit_labelers=[sentiment]"], "evaluate.audit_labelers: ['sentiment'] already labels"),
     (["evaluate.audit_labelers=[reward_model]"], "label.reward_model: required when"),
     (["evaluate.audit_labelers=[judge, judge]"], "names a labeler twice"),
+    (["label.labeler=textblob", "evaluate.audit_labelers=[textblob]"], "['textblob'] already labels"),
+    (["evaluate.audit_labelers=[vader]"], "evaluate.audit_labelers.0: Input should be 'sentiment', 'textblob'"),
 ])
 def test_round_settings_are_checked_at_load(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -2,6 +2,8 @@
 prompt_ids/completion_ids), higher is better.
 
 - `sentiment`: VADER compound sentiment of the completion, in [-1, 1];
+- `textblob`: TextBlob's pattern-lexicon polarity of the completion, in [-1, 1]: a second lexicon, to audit a run
+  that trains on VADER (it is moved by many of the same words, so it is a weak audit);
 - `reward_model`: any local AutoModelForSequenceClassification folder with a single output, shown the whole
   conversation (system message and earlier turns) in its own chat template;
 - `implicit`: the DPO implicit reward beta*log(pi/pi_ref) of a given policy and reference (self-labeling);
@@ -38,9 +40,22 @@ def vader():
     return SentimentIntensityAnalyzer()
 
 
-def sentiment_column(batch: pa.Table, column: str) -> pa.Table:
-    scores = [vader().polarity_scores(text)["compound"] for text in batch["completion"].to_pylist()]
-    return batch.append_column(column, pa.array(scores, pa.float64()))
+@functools.cache
+def textblob():
+    """TextBlob's pattern analyzer (its bundled lexicon; no NLTK corpus download), built once per process."""
+    from textblob.en.sentiments import PatternAnalyzer
+
+    return PatternAnalyzer()
+
+
+LEXICONS = {"sentiment": lambda text: vader().polarity_scores(text)["compound"],
+            "textblob": lambda text: textblob().analyze(text).polarity}
+
+
+def lexicon_column(batch: pa.Table, column: str, lexicon: str) -> pa.Table:
+    score = LEXICONS[lexicon]
+    return batch.append_column(column, pa.array([score(text) for text in batch["completion"].to_pylist()],
+                                                pa.float64()))
 
 
 def reward_model_text(tokenizer, prompt: str, messages_json: str | None, completion: str) -> str:
@@ -104,12 +119,24 @@ class Labeler:
         raise NotImplementedError
 
 
-class Sentiment(Labeler):
+class Lexicon(Labeler):
+    """A sentiment lexicon (`LEXICONS[name]`) scoring each completion's text alone."""
+
+    name: str
+
     def add_rewards(self, ds: ray.data.Dataset, column: str, sampled_by: str | None) -> ray.data.Dataset:
         # Tasks, not an actor pool: the lexicon is small and Ray reuses its worker processes for tasks, whereas each
         # actor is a new process (3.5 s of every label and evaluate stage on two cores, benchmarks/README.md).
-        return ds.map_batches(sentiment_column, fn_kwargs={"column": column}, batch_format="pyarrow",
-                              batch_size=self.cfg.label.batch_size, num_cpus=0.5)
+        return ds.map_batches(lexicon_column, fn_kwargs={"column": column, "lexicon": self.name},
+                              batch_format="pyarrow", batch_size=self.cfg.label.batch_size, num_cpus=0.5)
+
+
+class Vader(Lexicon):
+    name = "sentiment"
+
+
+class TextBlob(Lexicon):
+    name = "textblob"
 
 
 class RewardModel(Labeler):
@@ -164,7 +191,8 @@ class Judge(Labeler):
         return judge_rewards(ds, self.cfg, column)
 
 
-LABELERS = {"sentiment": Sentiment, "reward_model": RewardModel, "implicit": ImplicitReward, "judge": Judge}
+LABELERS = {"sentiment": Vader, "textblob": TextBlob, "reward_model": RewardModel, "implicit": ImplicitReward,
+            "judge": Judge}
 
 
 def labeler(cfg: PipelineConfig, name: str) -> Labeler:

@@ -1,9 +1,10 @@
 """label: score completions and turn them into chosen/rejected pairs; or import existing preference data.
 
-The labelers (sentiment, reward model, implicit reward, LLM judge) are in `ops/rewards.py`. `label.filter_labeler`
-scores every completion a second time with another labeler (`filter_reward`) and keeps only the pairs it does not
-contradict: implicit self-labels filtered by sentiment are then a config choice. `label.fluency_guard` also drops
-implicit self-labels whose chosen completion the reference finds less likely per token than the rejected.
+The labelers (sentiment lexicons, reward model, implicit reward, LLM judge) are in `ops/rewards.py`.
+`label.filter_labeler` scores every completion a second time with another labeler (`filter_reward`) and keeps only
+the pairs it does not contradict: implicit self-labels filtered by sentiment are then a config choice.
+`label.fluency_guard` also drops implicit self-labels whose chosen completion the reference finds less likely per
+token than the rejected.
 
 Outputs: `scored/` (schemas.SCORED, every completion with its reward) and `pairs/` (schemas.PAIRS); an import
 writes `pairs/` and the rejected rows, if any.
