@@ -128,6 +128,7 @@ def test_kl_budget_keeps_an_earlier_checkpoint_when_a_later_one_exceeds_it(chain
     probes, last = stats["kl_probes"], stats["steps"]
     assert [p["step"] for p in probes] == list(range(last, last - len(probes), -1))
     assert all(p["kl"] > budget for p in probes[:-1]) and probes[0]["kl"] > budget  # the tiny model drifts
+    assert all(p["kl_stderr"] > 0 for p in probes)  # 4 samples of different KL
     if stats["kl_budget_met"]:
         assert probes[-1]["kl"] <= budget and stats["kept_step"] == probes[-1]["step"]
     else:
