@@ -1,8 +1,8 @@
 """Iterative rounds on the tiny model, as README's recipe (configs/rounds.yaml) runs them: round 1 labeled by
 sentiment, rounds 2-3 self-labeled by the previous policy's implicit reward filtered by sentiment and guarded by the
 initial model's fluency, each round within its share of the KL budget, replaying earlier pairs, audited by a judge
-that never trains. (The soft reference's stage and its place between rounds are tested without a cluster in
-test_rounds_mechanics.py.)"""
+and a second sentiment lexicon that never train. (The soft reference's stage and its place between rounds are
+tested without a cluster in test_rounds_mechanics.py.)"""
 
 import json
 import re
@@ -54,10 +54,14 @@ def test_the_rounds_recipe_runs_as_the_readme_writes_it(tmp_path):
     assert cached == [0.0, 1.0, 1.0]
     rounds = json.loads((run_dir / "rounds.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
-    assert all(0 <= r["audit_judge_win_rate"] <= 1 and isinstance(r["divergence"], list) for r in rounds)
+    assert all(0 <= r["audit_judge_win_rate"] <= 1 and 0 <= r["audit_textblob_win_rate"] <= 1
+               and isinstance(r["divergence"], list) for r in rounds)
+    _check_textblob_audit(run_dir)
     table = (run_dir / "rounds.md").read_text()
-    assert "| 3 |" in table and "judge win rate" in table and (run_dir / "rounds.png").is_file()
-    assert "round 3/3" in proc.stdout and "audit judge: policy" in proc.stdout
+    assert "| 3 |" in table and "judge win rate" in table and "textblob win rate" in table
+    assert (run_dir / "rounds.png").is_file()
+    assert "round 3/3" in proc.stdout
+    assert "audit judge: policy" in proc.stdout and "audit textblob: policy" in proc.stdout
 
     _, runs = mlflow_runs(sqlite_store(tmp_path))
     check_run_tree(runs, {"round_1", "round_2", "round_3"}, STAGES)
@@ -120,6 +124,18 @@ def _check_kl_budget(run_dir: Path) -> None:
     for b in budgets:
         assert b["kept_kl"] <= b["kl_budget"] if b["kl_budget_met"] else b["kept_kl"] > b["kl_budget"]
         assert b["kl_probes"][0]["step"] == b["steps"]
+
+
+def _check_textblob_audit(run_dir: Path) -> None:
+    """The TextBlob audit scored every held-out sample with TextBlob's polarity of its text, never trained."""
+    from dpo_ray.ops.rewards import textblob
+
+    samples = schemas.read_table(run_dir / "round_3" / "evaluate" / "eval_samples", schemas.EVAL_SAMPLES).to_pylist()
+    assert samples
+    for r in samples:
+        assert dict(r["audit_rewards"])["textblob"] == textblob().analyze(r["completion"]).polarity
+    for k in (1, 2, 3):
+        assert "textblob" not in json.dumps(read_manifest(run_dir / f"round_{k}" / "label")["inputs"]["label"])
 
 
 def _check_replay(run_dir: Path) -> None:
