@@ -117,10 +117,10 @@ def _check_fluency_guard(run_dir: Path) -> None:
 
 
 def _check_kl_budget(run_dir: Path) -> None:
-    """rounds.kl_budget=9 over 3 rounds: 3, 6, 9 nats, round 1 its own 4; each round kept a checkpoint within it or
-    said it could not."""
+    """rounds.kl_budget=12 over 3 rounds: 4, 8, 12 nats; each round kept a checkpoint within it or said it could
+    not."""
     budgets = [read_manifest(run_dir / f"round_{k}" / "train")["stats"] for k in (1, 2, 3)]
-    assert [b["kl_budget"] for b in budgets] == [4, 6, 9]
+    assert [b["kl_budget"] for b in budgets] == [4, 8, 12]
     for b in budgets:
         assert b["kept_kl"] <= b["kl_budget"] if b["kl_budget_met"] else b["kept_kl"] > b["kl_budget"]
         assert b["kl_probes"][0]["step"] == b["steps"]
