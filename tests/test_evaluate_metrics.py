@@ -1,16 +1,17 @@
-"""compute_metrics on hand-made EVAL_SAMPLES rows, and the key of the cached reference side."""
+"""compute_metrics on hand-made EVAL_SAMPLES rows, and the keys of the cached reference side and its rewards."""
 
 from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from dpo_ray import schemas
 from dpo_ray.config import load_config
-from dpo_ray.stages.evaluate import compute_metrics, reference_side_folder
+from dpo_ray.stages.evaluate import _rewards_file, compute_metrics, reference_side_folder
 
 
 def row(prompt_id, model, index, reward, policy_logp, reference_logp, tokens=5, completion=None, finish="length"):
@@ -144,14 +145,14 @@ def test_the_lexicon_labelers_score_each_completion_alone():
     above a pan, and TextBlob reads "not good" as negative."""
     import pyarrow as pa
 
-    from dpo_ray.ops.rewards import lexicon_column
+    from dpo_ray.ops.rewards import TextBlob, Vader, lexicon_column
 
     texts = ["A wonderful film.", "Boring and awful.", "The film is not good.", ""]
     batch = pa.table({"completion": texts})
-    assert lexicon_column(batch, "r", "textblob")["r"].to_pylist() == pytest.approx([1.0, -1.0, -0.35, 0.0])
-    vader = lexicon_column(batch, "r", "sentiment")["r"].to_pylist()
+    assert lexicon_column(batch, "r", TextBlob)["r"].to_pylist() == pytest.approx([1.0, -1.0, -0.35, 0.0])
+    vader = lexicon_column(batch, "r", Vader)["r"].to_pylist()
     assert vader[0] == pytest.approx(0.5719) and vader[1] < 0 and vader[3] == 0.0
-    assert lexicon_column(batch, "r", "textblob").column_names == ["completion", "r"]
+    assert lexicon_column(batch, "r", TextBlob).column_names == ["completion", "r"]
 
 
 def _prompts_file(folder, eval_prompts=("a", "b")):
@@ -181,3 +182,20 @@ def test_the_cached_reference_side_is_keyed_by_what_its_samples_depend_on(tmp_pa
     other_prompts = tmp_path / "other"
     other_prompts.mkdir()
     assert reference_side_folder(cfg, _prompts_file(other_prompts, ("a", "c"))) != folder
+
+
+def test_the_baseline_sides_rewards_are_kept_by_what_a_completion_alone_decides(tmp_path, reward_model):
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", f"label.reward_model={reward_model}"])
+    folder = reference_side_folder(cfg, _prompts_file(tmp_path))
+    pointwise = ("sentiment", "textblob", "reward_model")
+    files = {name: _rewards_file(cfg, folder, name) for name in pointwise}
+    assert len(set(files.values())) == 3
+    assert {path.parent for path in files.values()} == {folder.with_name(f"{folder.name}.rewards")}
+    # The judge compares the two sides and the implicit reward reads the policy: neither is kept.
+    assert _rewards_file(cfg, folder, "judge") is None and _rewards_file(cfg, folder, "implicit") is None
+    # A retrained reward model's rewards are another file; without reference.cache nothing is kept.
+    (Path(reward_model) / "model.safetensors").write_bytes(b"retrained")
+    assert _rewards_file(cfg, folder, "reward_model") != files["reward_model"]
+    assert _rewards_file(cfg, folder, "sentiment") == files["sentiment"]
+    uncached = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", "reference.cache=false"])
+    assert _rewards_file(uncached, folder, "sentiment") is None

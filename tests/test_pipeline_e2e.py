@@ -145,11 +145,11 @@ def test_rerun_skips_every_stage_and_reuses_parent_run(tiny_run):
     assert len(runs) == 1 + len(STAGES)
 
 
-def _reference_side(run_dir: Path) -> tuple[float, list[tuple]]:
-    """Whether evaluate took the baseline's side from its cache, and that side's rows."""
+def _reference_side(run_dir: Path) -> tuple[tuple[float, float], list[tuple]]:
+    """Whether evaluate took the baseline's samples and rewards from its cache, and that side's rows."""
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     rows = schemas.read_table(run_dir / "evaluate" / "eval_samples", schemas.EVAL_SAMPLES).to_pylist()
-    return metrics["reference_samples_from_cache"], sorted(
+    return (metrics["reference_samples_from_cache"], metrics["reference_rewards_from_cache"]), sorted(
         (r["prompt_id"], r["sample_index"], r["completion"], r["reference_logp"], r["reward"])
         for r in rows if r["model"] == "reference")
 
@@ -157,15 +157,16 @@ def _reference_side(run_dir: Path) -> tuple[float, list[tuple]]:
 def test_changed_training_config_reruns_only_train_and_evaluate(tiny_run):
     root, run_dir, _ = tiny_run
     from_cache, sampled = _reference_side(run_dir)
-    assert from_cache == 0.0 and len(sampled) == 4 * 2
+    assert from_cache == (0.0, 0.0) and len(sampled) == 4 * 2
     third = run_full(root, "train.beta=0.2")
     for stage in ("sample", "label", "reference"):
         assert f"[dpo-ray] {stage}: up to date, skipped" in third.stdout
     for stage in ("train", "evaluate"):
         assert f"[dpo-ray] {stage}: running" in third.stdout
     assert read_manifest(run_dir / "train")["inputs"]["train"]["beta"] == 0.2
-    # The new policy is judged against the baseline's samples of the first evaluation, not sampled again.
-    assert _reference_side(run_dir) == (1.0, sampled)
+    # The new policy is judged against the baseline's samples of the first evaluation and their rewards, neither
+    # sampled nor scored again.
+    assert _reference_side(run_dir) == ((1.0, 1.0), sampled)
 
 
 def test_offline_pipeline_runs_reference_train_evaluate_on_preference_data(tmp_path):

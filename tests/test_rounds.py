@@ -49,9 +49,10 @@ def test_the_rounds_recipe_runs_as_the_readme_writes_it(tmp_path):
     held_out = [schemas.read_table(run_dir / f"round_{k}" / "sample" / "prompts.parquet", schemas.PROMPTS)
                 .filter(pc.equal(pc.field("split"), "eval"))["prompt_id"].to_pylist() for k in (1, 2, 3)]
     assert held_out[0] and held_out[0] == held_out[1] == held_out[2]
-    cached = [json.loads((run_dir / f"round_{k}" / "evaluate" / "metrics.json").read_text())
-              ["reference_samples_from_cache"] for k in (1, 2, 3)]
-    assert cached == [0.0, 1.0, 1.0]
+    metrics = [json.loads((run_dir / f"round_{k}" / "evaluate" / "metrics.json").read_text()) for k in (1, 2, 3)]
+    assert [m["reference_samples_from_cache"] for m in metrics] == [0.0, 1.0, 1.0]
+    # And their VADER and TextBlob rewards with them; the judge compares both sides, so it judges both every round.
+    assert [m["reference_rewards_from_cache"] for m in metrics] == [0.0, 2.0, 2.0]
     rounds = json.loads((run_dir / "rounds.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert all(0 <= r["audit_judge_win_rate"] <= 1 and 0 <= r["audit_textblob_win_rate"] <= 1

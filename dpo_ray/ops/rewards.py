@@ -9,14 +9,15 @@ prompt_ids/completion_ids), higher is better.
 - `implicit`: the DPO implicit reward beta*log(pi/pi_ref) of a given policy and reference (self-labeling);
 - `judge`: a chat model's pairwise verdicts in both orders, as each completion's win share in [0, 1] (ops/judge.py).
 
-A labeler is one class with `check()` (driver-side, before any work) and `add_rewards(ds, column, sampled_by)`;
-adding one is adding a class to `LABELERS`.
+A labeler is one class with `check()` (driver-side, before any work), `add_rewards(ds, column, sampled_by)` and
+`completion_key()`; adding one is adding a class to `LABELERS`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from importlib.metadata import version
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -26,7 +27,8 @@ import torch
 
 from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ModelError
-from dpo_ray.models import ModelSpec, device_for, resolve_model, set_torch_threads, skip_unused_imports
+from dpo_ray.models import (ModelSpec, device_for, model_fingerprint, resolve_model, set_torch_threads,
+                            skip_unused_imports)
 from dpo_ray.ops.judge import check_judge, judge_rewards
 from dpo_ray.ops.scorers import completion_logps_columns, scorer_pool
 from dpo_ray.text import conversation_text, prompt_messages
@@ -48,13 +50,8 @@ def textblob():
     return PatternAnalyzer()
 
 
-LEXICONS = {"sentiment": lambda text: vader().polarity_scores(text)["compound"],
-            "textblob": lambda text: textblob().analyze(text).polarity}
-
-
-def lexicon_column(batch: pa.Table, column: str, lexicon: str) -> pa.Table:
-    score = LEXICONS[lexicon]
-    return batch.append_column(column, pa.array([score(text) for text in batch["completion"].to_pylist()],
+def lexicon_column(batch: pa.Table, column: str, lexicon: type[Lexicon]) -> pa.Table:
+    return batch.append_column(column, pa.array([lexicon.score(text) for text in batch["completion"].to_pylist()],
                                                 pa.float64()))
 
 
@@ -118,25 +115,47 @@ class Labeler:
         """`ds` with `column` (float64) appended; `sampled_by` names the model that sampled every row, if known."""
         raise NotImplementedError
 
+    def completion_key(self) -> dict | None:
+        """What a completion's reward depends on besides its own row, when nothing else does, so that the rewards
+        of samples kept for later evaluations (evaluate's baseline side) can be kept with them; None for a labeler
+        that reads other rows or a model that changes between evaluations (the judge, the implicit reward)."""
+        return None
+
 
 class Lexicon(Labeler):
-    """A sentiment lexicon (`LEXICONS[name]`) scoring each completion's text alone."""
+    """A sentiment lexicon scoring each completion's text alone (`score`), from the package `package`."""
 
     name: str
+    package: str
+
+    @staticmethod
+    def score(text: str) -> float:
+        raise NotImplementedError
+
+    def completion_key(self) -> dict:
+        return {"labeler": self.name, "version": version(self.package)}
 
     def add_rewards(self, ds: ray.data.Dataset, column: str, sampled_by: str | None) -> ray.data.Dataset:
         # Tasks, not an actor pool: the lexicon is small and Ray reuses its worker processes for tasks, whereas each
         # actor is a new process (3.5 s of every label and evaluate stage on two cores, benchmarks/README.md).
-        return ds.map_batches(lexicon_column, fn_kwargs={"column": column, "lexicon": self.name},
+        return ds.map_batches(lexicon_column, fn_kwargs={"column": column, "lexicon": type(self)},
                               batch_format="pyarrow", batch_size=self.cfg.label.batch_size, num_cpus=0.5)
 
 
 class Vader(Lexicon):
-    name = "sentiment"
+    name, package = "sentiment", "vaderSentiment"
+
+    @staticmethod
+    def score(text: str) -> float:
+        return vader().polarity_scores(text)["compound"]
 
 
 class TextBlob(Lexicon):
-    name = "textblob"
+    name, package = "textblob", "textblob"
+
+    @staticmethod
+    def score(text: str) -> float:
+        return textblob().analyze(text).polarity
 
 
 class RewardModel(Labeler):
@@ -150,6 +169,9 @@ class RewardModel(Labeler):
         if config.num_labels != 1:
             raise ModelError(f"label.reward_model: {path} has a {config.num_labels}-output head; a reward model "
                              "needs a single-score head (num_labels=1)")
+
+    def completion_key(self) -> dict:
+        return {"labeler": "reward_model", "model": model_fingerprint(self.cfg.label.reward_model)}
 
     def add_rewards(self, ds: ray.data.Dataset, column: str, sampled_by: str | None) -> ray.data.Dataset:
         cfg = self.cfg
@@ -191,7 +213,7 @@ class Judge(Labeler):
         return judge_rewards(ds, self.cfg, column)
 
 
-LABELERS = {"sentiment": Vader, "textblob": TextBlob, "reward_model": RewardModel, "implicit": ImplicitReward,
+LABELERS = {Vader.name: Vader, TextBlob.name: TextBlob, "reward_model": RewardModel, "implicit": ImplicitReward,
             "judge": Judge}
 
 

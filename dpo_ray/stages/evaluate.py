@@ -13,9 +13,11 @@ model with the transformers backend, the sampler's identical log-prob). Reported
   rise while these fall (self-labeling rounds do).
 Without GPUs one actor samples with one model and scores with both (reference.share_actor), two actor pools in all.
 The baseline's side (its samples and their log-probs under it) depends on neither the policy nor the labelers, so
-with reference.cache it is kept under <run.root>/eval_reference_cache/ (reference_side_folder) and a later evaluation
-against the same baseline, prompts, seed and sampling settings (the next round, a frontier variant, a rerun) samples
-and scores only the policy's side (`reference_samples_from_cache` in the metrics).
+with reference.cache it is kept under <run.root>/eval_reference_cache/ (reference_side_folder), with the rewards of each
+labeler that reads a completion alone beside it, and a later evaluation against the same baseline, prompts, seed and
+sampling settings (the next round, a frontier variant, a rerun) samples and scores only the policy's side
+(`reference_samples_from_cache`, and `reference_rewards_from_cache` labelers, in the metrics). The judge compares
+the two sides, so it judges both every time.
 Writes eval_samples.parquet, metrics.json, reward_vs_kl.png and examples.md. Without a `prompts` source (an offline
 run) the held-out prompts are split from data.prompts here, as the sample stage would.
 """
@@ -40,7 +42,7 @@ from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ConfigError
 from dpo_ray.models import inference_dtype, model_fingerprint
 from dpo_ray.ops.prompts import held_out_prompts, read_split
-from dpo_ray.ops.rewards import add_rewards, check_labeler
+from dpo_ray.ops.rewards import add_rewards, check_labeler, labeler
 from dpo_ray.ops.scorers import completion_logps_columns, sampled_with_logps
 from dpo_ray.pairs import build_pairs
 from dpo_ray.quality import MOVIE_REVIEW_WORDS, divergence, text_quality
@@ -172,13 +174,12 @@ def reference_side_folder(cfg: PipelineConfig, prompts_path: Path) -> Path:
     return Path(cfg.run.root).resolve() / "eval_reference_cache" / key
 
 
-def _reference_side(cfg: PipelineConfig, eval_prompts: ray.data.Dataset, prompts_path: Path,
+def _reference_side(cfg: PipelineConfig, eval_prompts: ray.data.Dataset, folder: Path,
                     policy: str) -> tuple[ray.data.Dataset, bool]:
-    """The baseline's samples with both models' log-probs, and whether they came from the cache. With
+    """The baseline's samples with both models' log-probs, and whether they came from the cache `folder`. With
     reference.cache, the samples and the baseline's log-probs (schemas.EVAL_REFERENCE) are kept for the next
     evaluation against the same baseline (later rounds, frontier variants, reruns), published by a rename so a
     reader never sees part of them."""
-    folder = reference_side_folder(cfg, prompts_path)
     if cfg.reference.cache and folder.is_dir():
         schemas.check_folder(folder, schemas.EVAL_REFERENCE)
         cached = ray.data.read_parquet(str(folder)).materialize()
@@ -195,19 +196,86 @@ def _reference_side(cfg: PipelineConfig, eval_prompts: ray.data.Dataset, prompts
     return ds, False
 
 
-def _samples(cfg: PipelineConfig, prompts_path: Path, policy: str) -> tuple[ray.data.Dataset, bool]:
-    """Both models' samples of the held-out prompts, each scored by both models and by the labeler, and whether the
-    baseline's side came from the cache."""
+def _labelers(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """(labeler, the column it fills) for evaluate's labeler and each audit labeler."""
     e = cfg.evaluate
+    return [(e.labeler or cfg.label.labeler, "reward"), *((name, f"audit_{name}") for name in e.audit_labelers)]
+
+
+def _rewards_file(cfg: PipelineConfig, folder: Path, name: str) -> Path | None:
+    """Where the baseline side's rewards from labeler `name` are kept beside its samples in `folder`: named by what
+    a completion's reward depends on (Labeler.completion_key); None where that is more than the completion."""
+    key = labeler(cfg, name).completion_key()
+    if not cfg.reference.cache or key is None:
+        return None
+    return folder.with_name(f"{folder.name}.rewards") / f"{artifacts.input_key(key)}.parquet"
+
+
+def _sample_keys(table: pa.Table) -> list[tuple[str, int]]:
+    return list(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist()))
+
+
+def _kept_rewards(cfg: PipelineConfig, reference: ray.data.Dataset, folder: Path) -> dict[str, dict]:
+    """{column: {(prompt_id, sample_index): reward}} for each labeler whose rewards of every one of the baseline's
+    cached samples are kept beside them."""
+    samples = {(r["prompt_id"], r["sample_index"])
+               for r in reference.select_columns(["prompt_id", "sample_index"]).take_all()}
+    kept = {}
+    for name, column in _labelers(cfg):
+        path = _rewards_file(cfg, folder, name)
+        if path is not None and path.is_file():
+            table = pq.read_table(path)
+            rewards = dict(zip(_sample_keys(table), table["reward"].to_pylist()))
+            if rewards.keys() == samples:
+                kept[column] = rewards
+    return kept
+
+
+def _keep_rewards(cfg: PipelineConfig, rows: list[dict], folder: Path) -> None:
+    """Keep the baseline side's rewards from each labeler that reads a completion alone, for the next evaluation of
+    the same samples; written to a temporary file and renamed, so a reader never sees part of one."""
+    baseline = [r for r in rows if r["model"] == "reference"]
+    for name, column in _labelers(cfg):
+        path = _rewards_file(cfg, folder, name)
+        if path is None or path.is_file():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        pq.write_table(pa.table({
+            "prompt_id": pa.array([r["prompt_id"] for r in baseline], pa.string()),
+            "sample_index": pa.array([r["sample_index"] for r in baseline], pa.int32()),
+            "reward": pa.array([r["reward"] if column == "reward" else dict(r["audit_rewards"])[name]
+                                for r in baseline], pa.float64())}), partial)
+        os.replace(partial, path)
+
+
+def _with_rewards(ds: ray.data.Dataset, kept: dict[str, dict]) -> ray.data.Dataset:
+    def append(batch: pa.Table) -> pa.Table:
+        for column, rewards in kept.items():
+            batch = batch.append_column(column, pa.array([rewards[k] for k in _sample_keys(batch)], pa.float64()))
+        return batch
+
+    return ds.map_batches(append, batch_format="pyarrow") if kept else ds
+
+
+def _samples(cfg: PipelineConfig, prompts_path: Path, policy: str,
+             folder: Path) -> tuple[ray.data.Dataset, bool, int]:
+    """Both models' samples of the held-out prompts, each scored by both models and by the labelers; whether the
+    baseline's side came from the cache `folder`, and for how many labelers its rewards did too."""
     eval_prompts = read_split(prompts_path, "eval")
-    reference, cached = _reference_side(cfg, eval_prompts, prompts_path, policy)
+    reference, cached = _reference_side(cfg, eval_prompts, folder, policy)
+    kept = _kept_rewards(cfg, reference, folder) if cached else {}
+    policy_side = _sampled(cfg, eval_prompts, "policy", policy, cfg.baseline_model)
+    for name, column in _labelers(cfg):
+        if column in kept:
+            policy_side = add_rewards(policy_side, cfg, name, column=column).materialize()
     # Each side materialized: one actor pool at a time, and no task waits upstream of one.
-    both = _sampled(cfg, eval_prompts, "policy", policy, cfg.baseline_model).union(reference)
-    judged = add_rewards(both.materialize(), cfg, e.labeler or cfg.label.labeler)
-    for name in e.audit_labelers:
-        # Materialized first, as in label: one scorer's actor pool at a time.
-        judged = add_rewards(judged.materialize(), cfg, name, column=f"audit_{name}")
-    return judged, cached
+    judged = policy_side.union(_with_rewards(reference, kept).materialize())
+    for name, column in _labelers(cfg):
+        if column not in kept:
+            # Materialized first, as in label: one scorer's actor pool at a time.
+            judged = add_rewards(judged.materialize(), cfg, name, column=column)
+    return judged, cached, len(kept)
 
 
 def _to_eval_schema(b: pa.Table, audits: Sequence[str]) -> pa.Table:
@@ -221,17 +289,21 @@ def _to_eval_schema(b: pa.Table, audits: Sequence[str]) -> pa.Table:
 def run(ctx: StageContext) -> dict:
     """Judge the `policy` source against cfg.baseline_model on the held-out prompts."""
     cfg, out = ctx.cfg, ctx.out
-    for name in (cfg.evaluate.labeler or cfg.label.labeler, *cfg.evaluate.audit_labelers):
+    for name, _ in _labelers(cfg):
         check_labeler(cfg, name)
-    samples, cached = _samples(cfg, held_out_prompts(ctx.cfg, ctx.sources, ctx.out), str(ctx.sources["policy"]))
+    prompts_path = held_out_prompts(ctx.cfg, ctx.sources, ctx.out)
+    folder = reference_side_folder(cfg, prompts_path)
+    samples, cached, rewards_kept = _samples(cfg, prompts_path, str(ctx.sources["policy"]), folder)
     samples.map_batches(_to_eval_schema, fn_args=(cfg.evaluate.audit_labelers,),
                         batch_format="pyarrow").write_parquet(str(out / "eval_samples"))
     rows = schemas.read_table(out / "eval_samples", schemas.EVAL_SAMPLES).to_pylist()
+    _keep_rewards(cfg, rows, folder)
     metrics = compute_metrics(rows, cfg.train.beta, cfg.evaluate.on_task_words)
     # Against the baseline alone; a round's report compares with the round before too (reports.write_round_report).
     reasons = divergence(metrics, tolerance=cfg.evaluate.quality_tolerance)
     metrics.update({"divergence": float(bool(reasons)), "divergence_reasons": reasons,
-                    "reference_samples_from_cache": float(cached)})
+                    "reference_samples_from_cache": float(cached),
+                    "reference_rewards_from_cache": float(rewards_kept)})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_reward_vs_kl(
         [{"label": "reference", "kl": 0.0, "reward": metrics["reference_reward"],
