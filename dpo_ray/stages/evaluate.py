@@ -258,11 +258,10 @@ def _with_rewards(ds: ray.data.Dataset, kept: dict[str, dict]) -> ray.data.Datas
     return ds.map_batches(append, batch_format="pyarrow") if kept else ds
 
 
-def _samples(cfg: PipelineConfig, prompts_path: Path, policy: str,
+def _samples(cfg: PipelineConfig, eval_prompts: ray.data.Dataset, policy: str,
              folder: Path) -> tuple[ray.data.Dataset, bool, int]:
     """Both models' samples of the held-out prompts, each scored by both models and by the labelers; whether the
     baseline's side came from the cache `folder`, and for how many labelers its rewards did too."""
-    eval_prompts = read_split(prompts_path, "eval")
     reference, cached = _reference_side(cfg, eval_prompts, folder, policy)
     kept = _kept_rewards(cfg, reference, folder) if cached else {}
     policy_side = _sampled(cfg, eval_prompts, "policy", policy, cfg.baseline_model)
@@ -292,8 +291,10 @@ def run(ctx: StageContext) -> dict:
     for name, _ in _labelers(cfg):
         check_labeler(cfg, name)
     prompts_path = held_out_prompts(ctx.cfg, ctx.sources, ctx.out)
+    # The split is read first: it is what names a file that is not a sample stage's prompts.parquet.
+    eval_prompts = read_split(prompts_path, "eval")
     folder = reference_side_folder(cfg, prompts_path)
-    samples, cached, rewards_kept = _samples(cfg, prompts_path, str(ctx.sources["policy"]), folder)
+    samples, cached, rewards_kept = _samples(cfg, eval_prompts, str(ctx.sources["policy"]), folder)
     samples.map_batches(_to_eval_schema, fn_args=(cfg.evaluate.audit_labelers,),
                         batch_format="pyarrow").write_parquet(str(out / "eval_samples"))
     rows = schemas.read_table(out / "eval_samples", schemas.EVAL_SAMPLES).to_pylist()
