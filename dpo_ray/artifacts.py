@@ -14,6 +14,9 @@ import shutil
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 MANIFEST = "manifest.json"
 _DIGESTED = (".parquet", ".json", ".jsonl")
 
@@ -112,6 +115,15 @@ def write_json_atomic(path: Path, data: dict) -> None:
         json.dump(data, handle, indent=2, default=str)
         handle.flush()
         os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write `table` to a temporary file beside `path` (named by this process) and rename it: a reader sees the
+    whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 

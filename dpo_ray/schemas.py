@@ -64,6 +64,8 @@ REFERENCE_CACHE = _schema(sequence_key=pa.binary(16), logp=pa.float64())
 
 # evaluate's reference-side cache: the baseline's held-out samples with their log-probs under it.
 EVAL_REFERENCE = _schema(COMPLETIONS, model=pa.string(), reference_logp=pa.float64())
+# Beside it, one file per labeler that reads a completion alone: its reward of each of those samples.
+EVAL_REFERENCE_REWARDS = _schema(prompt_id=pa.string(), sample_index=pa.int32(), reward=pa.float64())
 
 # evaluate: one row per held-out sample of either model.
 EVAL_SAMPLES = _schema(

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import functools
 import json
-from importlib.metadata import version
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import pyarrow as pa
 import pyarrow.compute as pc

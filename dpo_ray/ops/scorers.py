@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import math
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -28,7 +27,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from dpo_ray import schemas
+from dpo_ray import artifacts, schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.logprobs import precision, shared_prompt_batch, shared_prompt_logps
 from dpo_ray.models import ModelSpec, device_for, inference_dtype, model_fingerprint, set_torch_threads
@@ -84,10 +83,8 @@ class ReferenceCache:
         return pa.Table.from_batches(found, schemas.REFERENCE_CACHE)
 
     def add(self, keys: list[bytes], logps: list[float], name: str) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{name}.parquet.tmp"
-        pq.write_table(schemas.to_table({"sequence_key": keys, "logp": logps}, schemas.REFERENCE_CACHE), tmp)
-        os.replace(tmp, self.folder / f"{name}.parquet")
+        artifacts.write_parquet_atomic(schemas.to_table({"sequence_key": keys, "logp": logps},
+                                                        schemas.REFERENCE_CACHE), self.folder / f"{name}.parquet")
 
 
 @dataclass(frozen=True)

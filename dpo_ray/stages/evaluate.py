@@ -224,7 +224,7 @@ def _kept_rewards(cfg: PipelineConfig, reference: ray.data.Dataset, folder: Path
     for name, column in _labelers(cfg):
         path = _rewards_file(cfg, folder, name)
         if path is not None and path.is_file():
-            table = pq.read_table(path)
+            table = schemas.read_table(path, schemas.EVAL_REFERENCE_REWARDS)
             rewards = dict(zip(_sample_keys(table), table["reward"].to_pylist()))
             if rewards.keys() == samples:
                 kept[column] = rewards
@@ -233,20 +233,16 @@ def _kept_rewards(cfg: PipelineConfig, reference: ray.data.Dataset, folder: Path
 
 def _keep_rewards(cfg: PipelineConfig, rows: list[dict], folder: Path) -> None:
     """Keep the baseline side's rewards from each labeler that reads a completion alone, for the next evaluation of
-    the same samples; written to a temporary file and renamed, so a reader never sees part of one."""
+    the same samples (schemas.EVAL_REFERENCE_REWARDS), published whole."""
     baseline = [r for r in rows if r["model"] == "reference"]
     for name, column in _labelers(cfg):
         path = _rewards_file(cfg, folder, name)
         if path is None or path.is_file():
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        pq.write_table(pa.table({
-            "prompt_id": pa.array([r["prompt_id"] for r in baseline], pa.string()),
-            "sample_index": pa.array([r["sample_index"] for r in baseline], pa.int32()),
-            "reward": pa.array([r["reward"] if column == "reward" else dict(r["audit_rewards"])[name]
-                                for r in baseline], pa.float64())}), partial)
-        os.replace(partial, path)
+        rewards = [r["reward"] if column == "reward" else dict(r["audit_rewards"])[name] for r in baseline]
+        artifacts.write_parquet_atomic(schemas.to_table(
+            {"prompt_id": [r["prompt_id"] for r in baseline], "sample_index": [r["sample_index"] for r in baseline],
+             "reward": rewards}, schemas.EVAL_REFERENCE_REWARDS), path)
 
 
 def _with_rewards(ds: ray.data.Dataset, kept: dict[str, dict]) -> ray.data.Dataset:
