@@ -62,8 +62,9 @@ def test_lora_on_the_default_pairs_raises_held_out_implicit_reward_accuracy():
     pad = load_tokenizer(BUILTIN_SMOLLM2).pad_token_id
     t = TrainConfig(lora={"r": 16, "alpha": 32}, lr=5e-4, batch_size=8, micro_batch_size=8)
     model = with_lora(load_causal_lm(BUILTIN_SMOLLM2), t.lora, BUILTIN_SMOLLM2)
-    # The adapter starts as the identity (LoRA's B is zero): every margin is 0, no pair is ranked right.
-    assert _implicit_margins(model, held_out, pad).abs().max() < 1e-3
+    # The adapter starts as the identity (LoRA's B is zero): every margin is 0, no pair is ranked right (a few
+    # held-out pairs show it; scoring all of them a third time cost about 15 s).
+    assert _implicit_margins(model, held_out[:8], pad).abs().max() < 1e-3
     engine = DDPEngine(SequenceScorer(model), t, world=1)
     accuracies = []
     for step in range(6):
