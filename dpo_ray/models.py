@@ -307,5 +307,15 @@ class ModelSpec:
     def load_causal_lm(self, device: str | torch.device = "cpu"):
         return load_causal_lm(self.path, self.dtype, device, self.trust_remote_code, self.quantize)
 
+    def load_eval(self, device: str | torch.device, loaded: dict | None = None):
+        """The model in eval mode; with `loaded` (the models one actor holds, by spec and device), loaded once for
+        all the samplers and scorers of that actor that name the same spec."""
+        if loaded is None:
+            return self.load_causal_lm(device).eval()
+        key = (self, str(device))
+        if key not in loaded:
+            loaded[key] = self.load_causal_lm(device).eval()
+        return loaded[key]
+
     def load_tokenizer(self):
         return load_tokenizer(self.path, self.trust_remote_code)

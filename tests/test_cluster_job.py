@@ -195,7 +195,7 @@ answer = [(a.class_name, a.node_id) for a in list_actors(address="{c['dashboard'
     placed = {}
     for class_name, node_id in actors:
         placed.setdefault(class_name, set()).add(node_id)
-    model_actors = ("Sampler", "LogProbScorer", "SampleAndScore")
+    model_actors = ("Sampler", "LogProbScorer", "SampleAndScore", "SampleEachAndScore")
     samplers = {n for name, ids in placed.items() if any(op in name for op in model_actors) for n in ids}
     trainers = {n for name, ids in placed.items() if name == "RayTrainWorker" for n in ids}
     assert samplers == {sampler_node}, placed

@@ -1,4 +1,5 @@
-"""compute_metrics on hand-made EVAL_SAMPLES rows, and the keys of the cached reference side and its rewards."""
+"""compute_metrics on hand-made EVAL_SAMPLES rows, the keys of the cached reference side and its rewards, and both
+models' samples from one actor pool."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -199,3 +201,54 @@ def test_the_baseline_sides_rewards_are_kept_by_what_a_completion_alone_decides(
     assert _rewards_file(cfg, folder, "sentiment") == files["sentiment"]
     uncached = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", "reference.cache=false"])
     assert _rewards_file(uncached, folder, "sentiment") is None
+
+
+def _other_policy(folder: Path) -> str:
+    """The built-in tiny Llama with its weights moved: a policy that samples and scores otherwise."""
+    import torch
+
+    from dpo_ray.models import load_causal_lm, load_tokenizer, resolve_model
+
+    model = load_causal_lm("builtin:tiny-llama")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.add_(torch.randn_like(weight) * 0.2)
+    model.save_pretrained(folder)
+    load_tokenizer(resolve_model("builtin:tiny-llama")).save_pretrained(folder)
+    return str(folder)
+
+
+
+@pytest.mark.slow
+def test_one_actor_samples_with_each_model_and_holds_each_model_once(ray_local, tmp_path):
+    """The actor of evaluate's one pool (scorers.SampleEachAndScore): each row sampled by the model it names, scored
+    by both, as an actor holding one sampler would; the policy's sampler and scorer the same loaded model."""
+    from dpo_ray.ops.scorers import SampleAndScore, SampleEachAndScore, sample_each_args
+
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}"])
+    policy = _other_policy(tmp_path / "policy")
+    samplers = {"policy": policy, "reference": "builtin:tiny-llama"}
+    args = sample_each_args(cfg, samplers, 2, 6, 1.0, 7, [(policy, "policy_logp"), ("builtin:tiny-llama",
+                                                                                     "reference_logp")])
+    one = SampleEachAndScore(**args)
+    for name, other in (("policy", "reference"), ("reference", "policy")):
+        assert one.sides[name].steps[0].model is one.sides[other].steps[1].model
+    prompts = [{"prompt_id": f"p{i}", "prompt": f"The film number {i} was", "messages_json": None,
+                "model": "policy" if i % 2 else "reference"} for i in range(6)]
+    table = one(pa.Table.from_pylist(prompts))
+    rows = table.to_pylist()
+    assert len(rows) == 6 * 2
+    empty = one(pa.Table.from_pylist(prompts).slice(0, 0))
+    assert empty.num_rows == 0 and empty.schema == table.schema
+    for name in samplers:
+        # One sampler in its own actor: SampleAndScore, the sampler's log-prob as its model's column.
+        alone = SampleAndScore(args["samplers"][name], args["scorers"][name])(
+            pa.Table.from_pylist([p for p in prompts if p["model"] == name])).to_pylist()
+        mine = [r for r in rows if r["model"] == name]
+        assert [r["completion_ids"] for r in mine] == [r["completion_ids"] for r in alone]
+        for row, expected in zip(mine, alone):
+            assert row[f"{name}_logp"] == row["sample_logp"] == expected["sample_logp"]
+            other = "reference" if name == "policy" else "policy"
+            assert row[f"{other}_logp"] == pytest.approx(expected[f"{other}_logp"], abs=1e-5)
+            assert row[f"{other}_logp"] != row[f"{name}_logp"]

@@ -93,10 +93,10 @@ class _Sampler:
 
 
 class TransformersSampler(_Sampler):
-    def __init__(self, spec: SamplerSpec):
+    def __init__(self, spec: SamplerSpec, loaded: dict | None = None):
         super().__init__(spec)
         model = replace(spec.model, dtype=inference_dtype(spec.model.dtype))
-        self.model = model.load_causal_lm(device_for(ray.get_gpu_ids())).eval()
+        self.model = model.load_eval(device_for(ray.get_gpu_ids()), loaded)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         self.eos_ids.discard(None)

@@ -114,11 +114,11 @@ class LogProbScorer:
     rows are length-sorted into forward batches to cut padding. Rows whose every sequence the spec knows take the
     known values and are not run through the model."""
 
-    def __init__(self, spec: ScorerSpec):
+    def __init__(self, spec: ScorerSpec, loaded: dict | None = None):
         set_torch_threads(spec.model.torch_threads)
         self.spec = spec
         self.device = device_for(ray.get_gpu_ids())
-        self.model = spec.model.load_causal_lm(self.device).eval()
+        self.model = spec.model.load_eval(self.device, loaded)
         self.pad_id = spec.model.load_tokenizer().pad_token_id
         known = spec.known if spec.known is not None else schemas.REFERENCE_CACHE.empty_table()
         self.known = dict(zip(known["sequence_key"].to_pylist(), known["logp"].to_pylist()))
@@ -170,15 +170,51 @@ def score_logps(ds: ray.data.Dataset, cfg: PipelineConfig, model: str, columns: 
 class SampleAndScore:
     """Ray Data callable: a transformers sampler (or none) and scorers in one actor, each batch through them in turn.
     Every actor pool costs a process start and a round of torch and transformers imports (6-7 s on two cores), so
-    where a stage needs log-probs under several models (cfg.models_share_actor) one actor holds them all."""
+    where a stage needs log-probs under several models (cfg.models_share_actor) one actor holds them all, each once
+    (`loaded`: the models of the actor, shared with other SampleAndScore steps in it)."""
 
-    def __init__(self, sampler: SamplerSpec | None, scorers: tuple[ScorerSpec, ...]):
-        self.steps = [*([TransformersSampler(sampler)] if sampler else []), *map(LogProbScorer, scorers)]
+    def __init__(self, sampler: SamplerSpec | None, scorers: tuple[ScorerSpec, ...], loaded: dict | None = None):
+        loaded = {} if loaded is None else loaded
+        self.steps = [*([TransformersSampler(sampler, loaded)] if sampler else []),
+                      *(LogProbScorer(spec, loaded) for spec in scorers)]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for step in self.steps:
             batch = step(batch)
         return batch
+
+
+class SampleEachAndScore:
+    """Ray Data callable: prompt rows, each naming in its `model` column which of `samplers` samples it, in; that
+    sampler's completion rows out, `model` kept, with the log-prob `columns` (their order) filled by the sampler
+    (`exact`) or scored. One actor holds every model once, so the models' samples need one actor pool, not one each."""
+
+    def __init__(self, samplers: dict[str, SamplerSpec], scorers: dict[str, tuple[ScorerSpec, ...]],
+                 exact: dict[str, list[str]], columns: list[str]):
+        loaded = {}
+        self.sides = {name: SampleAndScore(spec, scorers[name], loaded) for name, spec in samplers.items()}
+        self.exact, self.columns = exact, columns
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        parts = []
+        for name, steps in self.sides.items():
+            rows = batch.filter(pc.equal(batch["model"], name))
+            if rows.num_rows:
+                parts.append(_as_side(_append_sample_logp(steps(rows), self.exact[name]), name, self.columns))
+        if not parts:
+            return pa.schema([*schemas.COMPLETIONS, *(pa.field(c, pa.float64()) for c in self.columns),
+                              pa.field("model", pa.string())]).empty_table()
+        return pa.concat_tables(parts)
+
+
+def _named(batch: pa.Table, name: str) -> pa.Table:
+    return batch.append_column("model", pa.array([name] * batch.num_rows, pa.string()))
+
+
+def _as_side(batch: pa.Table, name: str, columns: list[str]) -> pa.Table:
+    """Completion rows of the model named `name`: that name in a `model` column, and the columns in one order for all
+    models' rows."""
+    return _named(batch, name).select([*schemas.COMPLETIONS.names, *columns, "model"])
 
 
 LogpColumns = Sequence[tuple[str, str]]  # (model, column of its summed log-prob of completion_ids)
@@ -227,6 +263,43 @@ def completion_logps_columns(ds: ray.data.Dataset, cfg: PipelineConfig, columns:
         ds = (ds.materialize() if index else ds).map_batches(LogProbScorer, fn_constructor_kwargs={"spec": spec},
                                                              **scorer_pool(cfg))
     return ds
+
+
+def each_sampled_with_logps(prompts: ray.data.Dataset, cfg: PipelineConfig, samplers: dict[str, str], n: int,
+                            max_new_tokens: int, temperature: float, seed: int,
+                            columns: LogpColumns) -> ray.data.Dataset:
+    """For each (name, model) of `samplers`, `model`'s completions of `prompts` with `name` in a `model` column, each
+    with `columns` (completion_logps_columns), materialized. Where models share an actor and the sampler is
+    transformers', all in one actor pool; otherwise each model's as sampled_with_logps, one after the other."""
+    names = [column for _, column in columns]
+    if not cfg.models_share_actor or cfg.sample.backend != "transformers":
+        sides = [sampled_with_logps(prompts, cfg, model, n, max_new_tokens, temperature, seed, columns).map_batches(
+            _as_side, fn_args=(name, names), batch_format="pyarrow").materialize() for name, model in samplers.items()]
+        return _one_after_another(sides).materialize()
+    # Each model's prompts after the other's, materialized: a batch then mostly holds one model's prompts, generated
+    # as wide as sample.batch_size as in a pool per model, and no read task waits upstream of the pool. One model's
+    # prompts stream into the pool from their read, as sampled_with_logps' do.
+    sides = [prompts.map_batches(_named, fn_args=(name,), batch_format="pyarrow") for name in samplers]
+    named = _one_after_another(sides).materialize() if len(sides) > 1 else sides[0]
+    return named.map_batches(
+        SampleEachAndScore, **sampler_pool(cfg),
+        fn_constructor_kwargs=sample_each_args(cfg, samplers, n, max_new_tokens, temperature, seed, columns)
+    ).materialize()
+
+
+def _one_after_another(datasets: list[ray.data.Dataset]) -> ray.data.Dataset:
+    # Ray Data's union refuses a single dataset.
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def sample_each_args(cfg: PipelineConfig, samplers: dict[str, str], n: int, max_new_tokens: int, temperature: float,
+                     seed: int, columns: LogpColumns) -> dict:
+    """SampleEachAndScore's arguments: each of `samplers` sampling and the other models of `columns` scoring."""
+    split = {name: _split(cfg, columns, model) for name, model in samplers.items()}
+    return {"samplers": {name: SamplerSpec.of(cfg, model, n, max_new_tokens, temperature, seed)
+                         for name, model in samplers.items()},
+            "scorers": {name: scorers for name, (_, scorers) in split.items()},
+            "exact": {name: exact for name, (exact, _) in split.items()}, "columns": [column for _, column in columns]}
 
 
 def sampled_with_logps(prompts: ray.data.Dataset, cfg: PipelineConfig, model: str, n: int, max_new_tokens: int,

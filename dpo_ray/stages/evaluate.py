@@ -11,7 +11,8 @@ model with the transformers backend, the sampler's identical log-prob). Reported
 - each model's text quality (dpo_ray.quality, keys `policy_*` and `reference_*`): fluency under the baseline,
   distinct-1/2, repeated 3-grams, non-dictionary words, non-word tokens, EOS endings, staying on task; a reward can
   rise while these fall (self-labeling rounds do).
-Without GPUs one actor samples with one model and scores with both (reference.share_actor), two actor pools in all.
+Without GPUs (reference.share_actor) one actor holds both models, samples each one's share of the prompts with it and
+scores every sample with both: one actor pool in all, where a pool per model would start every process twice.
 The baseline's side (its samples and their log-probs under it) depends on neither the policy nor the labelers, so
 with reference.cache it is kept under <run.root>/eval_reference_cache/ (reference_side_folder), with the rewards of each
 labeler that reads a completion alone beside it, and a later evaluation against the same baseline, prompts, seed and
@@ -36,6 +37,7 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from ray.data.expressions import col
 
 from dpo_ray import artifacts, keys, schemas
 from dpo_ray.config import PipelineConfig
@@ -43,7 +45,7 @@ from dpo_ray.errors import ConfigError
 from dpo_ray.models import inference_dtype, model_fingerprint
 from dpo_ray.ops.prompts import held_out_prompts, read_split
 from dpo_ray.ops.rewards import add_rewards, check_labeler, labeler
-from dpo_ray.ops.scorers import completion_logps_columns, sampled_with_logps
+from dpo_ray.ops.scorers import completion_logps_columns, each_sampled_with_logps
 from dpo_ray.pairs import build_pairs
 from dpo_ray.quality import MOVIE_REVIEW_WORDS, divergence, text_quality
 from dpo_ray.reports import plot_reward_vs_kl
@@ -144,19 +146,14 @@ def _examples_markdown(rows: list[dict], count: int) -> str:
     return "\n".join(lines)
 
 
-def _with_model(ds: ray.data.Dataset, name: str) -> ray.data.Dataset:
-    return ds.map_batches(lambda b: b.append_column("model", pa.array([name] * b.num_rows)), batch_format="pyarrow")
+def _sample_args(cfg: PipelineConfig) -> tuple[int, int, float, int]:
+    """(n, max_new_tokens, temperature, seed) of both models' held-out samples."""
+    e = cfg.evaluate
+    return e.samples_per_prompt, e.max_new_tokens or cfg.sample.max_new_tokens, e.temperature, cfg.held_out_seed + 1
 
 
-def _sampled(cfg: PipelineConfig, eval_prompts: ray.data.Dataset, name: str, model: str,
-             other: str) -> ray.data.Dataset:
-    """`model`'s samples of the held-out prompts, named `name` in the `model` column, with both models' log-probs
-    (`policy_logp`, `reference_logp`), materialized."""
-    e, s = cfg.evaluate, cfg.sample
-    logps = [(model, f"{name}_logp"), (other, "reference_logp" if name == "policy" else "policy_logp")]
-    ds = sampled_with_logps(eval_prompts, cfg, model, e.samples_per_prompt, e.max_new_tokens or s.max_new_tokens,
-                            e.temperature, cfg.held_out_seed + 1, logps)
-    return _with_model(ds, name).materialize()
+def _logp_columns(cfg: PipelineConfig, policy: str) -> list[tuple[str, str]]:
+    return [(policy, "policy_logp"), (cfg.baseline_model, "reference_logp")]
 
 
 def reference_side_folder(cfg: PipelineConfig, prompts_path: Path) -> Path:
@@ -174,26 +171,30 @@ def reference_side_folder(cfg: PipelineConfig, prompts_path: Path) -> Path:
     return Path(cfg.run.root).resolve() / "eval_reference_cache" / key
 
 
-def _reference_side(cfg: PipelineConfig, eval_prompts: ray.data.Dataset, folder: Path,
-                    policy: str) -> tuple[ray.data.Dataset, bool]:
-    """The baseline's samples with both models' log-probs, and whether they came from the cache `folder`. With
-    reference.cache, the samples and the baseline's log-probs (schemas.EVAL_REFERENCE) are kept for the next
-    evaluation against the same baseline (later rounds, frontier variants, reruns), published by a rename so a
-    reader never sees part of them."""
-    if cfg.reference.cache and folder.is_dir():
-        schemas.check_folder(folder, schemas.EVAL_REFERENCE)
-        cached = ray.data.read_parquet(str(folder)).materialize()
-        return completion_logps_columns(cached, cfg, [(policy, "policy_logp")]).materialize(), True
-    ds = _sampled(cfg, eval_prompts, "reference", cfg.baseline_model, policy)
-    if cfg.reference.cache:
-        partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
-        ds.map_batches(lambda b: b.select(schemas.EVAL_REFERENCE.names).cast(schemas.EVAL_REFERENCE),
-                       batch_format="pyarrow").write_parquet(str(partial))
-        try:
-            os.replace(partial, folder)
-        except OSError:  # another evaluation published the same samples first
-            shutil.rmtree(partial, ignore_errors=True)
-    return ds, False
+def _cached_reference_side(cfg: PipelineConfig, folder: Path, policy: str) -> ray.data.Dataset | None:
+    """The baseline's samples kept in `folder` (schemas.EVAL_REFERENCE) with the policy's log-probs of them, or None
+    where reference.cache is off or nothing is kept there."""
+    if not (cfg.reference.cache and folder.is_dir()):
+        return None
+    schemas.check_folder(folder, schemas.EVAL_REFERENCE)
+    cached = ray.data.read_parquet(str(folder)).materialize()
+    return completion_logps_columns(cached, cfg, [(policy, "policy_logp")]).materialize()
+
+
+def _keep_reference_side(cfg: PipelineConfig, samples: ray.data.Dataset, folder: Path) -> None:
+    """With reference.cache, keep the baseline's samples and their log-probs under it (schemas.EVAL_REFERENCE) for
+    the next evaluation against the same baseline (later rounds, frontier variants, reruns), published by a rename
+    so a reader never sees part of them."""
+    if not cfg.reference.cache:
+        return
+    partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    samples.filter(expr=col("model") == "reference").map_batches(
+        lambda b: b.select(schemas.EVAL_REFERENCE.names).cast(schemas.EVAL_REFERENCE),
+        batch_format="pyarrow").write_parquet(str(partial))
+    try:
+        os.replace(partial, folder)
+    except OSError:  # another evaluation published the same samples first
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _labelers(cfg: PipelineConfig) -> list[tuple[str, str]]:
@@ -258,19 +259,26 @@ def _samples(cfg: PipelineConfig, eval_prompts: ray.data.Dataset, policy: str,
              folder: Path) -> tuple[ray.data.Dataset, bool, int]:
     """Both models' samples of the held-out prompts, each scored by both models and by the labelers; whether the
     baseline's side came from the cache `folder`, and for how many labelers its rewards did too."""
-    reference, cached = _reference_side(cfg, eval_prompts, folder, policy)
-    kept = _kept_rewards(cfg, reference, folder) if cached else {}
-    policy_side = _sampled(cfg, eval_prompts, "policy", policy, cfg.baseline_model)
-    for name, column in _labelers(cfg):
-        if column in kept:
-            policy_side = add_rewards(policy_side, cfg, name, column=column).materialize()
-    # Each side materialized: one actor pool at a time, and no task waits upstream of one.
-    judged = policy_side.union(_with_rewards(reference, kept).materialize())
+    reference = _cached_reference_side(cfg, folder, policy)
+    if reference is None:
+        judged = each_sampled_with_logps(eval_prompts, cfg, {"policy": policy, "reference": cfg.baseline_model},
+                                         *_sample_args(cfg), _logp_columns(cfg, policy))
+        _keep_reference_side(cfg, judged, folder)
+        kept = {}
+    else:
+        kept = _kept_rewards(cfg, reference, folder)
+        policy_side = each_sampled_with_logps(eval_prompts, cfg, {"policy": policy}, *_sample_args(cfg),
+                                              _logp_columns(cfg, policy))
+        for name, column in _labelers(cfg):
+            if column in kept:
+                policy_side = add_rewards(policy_side, cfg, name, column=column).materialize()
+        # Each side materialized: one actor pool at a time, and no task waits upstream of one.
+        judged = policy_side.union(_with_rewards(reference, kept).materialize())
     for name, column in _labelers(cfg):
         if column not in kept:
             # Materialized first, as in label: one scorer's actor pool at a time.
             judged = add_rewards(judged.materialize(), cfg, name, column=column)
-    return judged, cached, len(kept)
+    return judged, reference is not None, len(kept)
 
 
 def _to_eval_schema(b: pa.Table, audits: Sequence[str]) -> pa.Table:
