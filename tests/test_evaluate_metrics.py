@@ -219,7 +219,6 @@ def _other_policy(folder: Path) -> str:
     return str(folder)
 
 
-
 @pytest.mark.slow
 def test_one_actor_samples_with_each_model_and_holds_each_model_once(ray_local, tmp_path):
     """The actor of evaluate's one pool (scorers.SampleEachAndScore): each row sampled by the model it names, scored
