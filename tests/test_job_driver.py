@@ -2,6 +2,7 @@
 init_ray forwards, by Ray's own merge; and a relative run.root refused inside the job's temporary working dir."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import yaml
 from ray.runtime_env.runtime_env import _merge_runtime_env
 
 from dpo_ray.config import ConfigError, load_config
-from dpo_ray.cluster import _FORWARDED_ENV, check_run_root, forwarded_env
+from dpo_ray.cluster import _FORWARDED_ENV, check_run_root, forwarded_env, init_ray, joins_a_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
@@ -48,3 +49,30 @@ def test_a_relative_run_root_is_refused_in_a_job_with_a_working_dir():
         check_run_root(load_config(None, ["run.root=runs"]), environ)
     check_run_root(load_config(None, ["run.root=/shared/runs"]), environ)
     check_run_root(load_config(None, ["run.root=runs"]), {})  # not a job: relative to the current directory
+
+
+def test_only_a_driver_that_joins_a_cluster_forwards_its_env(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert not joins_a_cluster(None) and not joins_a_cluster("local")
+    assert joins_a_cluster("127.0.0.1:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert joins_a_cluster(None)
+
+
+@pytest.mark.slow
+def test_a_local_cluster_gets_no_runtime_env_and_its_workers_inherit_the_drivers_env(monkeypatch, tmp_path):
+    """A runtime env would make Ray start a fresh process for each task and actor of the local cluster; its workers
+    see the driver's settings without one, since the cluster is started by this process."""
+    import ray
+
+    monkeypatch.setenv("DPO_RAY_CACHE", str(tmp_path))
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    ray.shutdown()
+    try:
+        init_ray(load_config("configs/tiny.yaml", ["run.ray_address=local"]))
+        assert ray.get_runtime_context().runtime_env == {}
+        seen = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in ("DPO_RAY_CACHE", "TOKENIZERS_PARALLELISM")})
+                       .remote())
+        assert seen == {"DPO_RAY_CACHE": str(tmp_path), "TOKENIZERS_PARALLELISM": "false"}
+    finally:
+        ray.shutdown()
