@@ -29,6 +29,7 @@ from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ModelError
 from dpo_ray.models import (ModelSpec, device_for, model_fingerprint, resolve_model, set_torch_threads,
                             skip_unused_imports)
+from dpo_ray.ops.datasets import map_model_batches
 from dpo_ray.ops.judge import check_judge, judge_rewards
 from dpo_ray.ops.scorers import completion_logps_columns, scorer_pool
 from dpo_ray.text import conversation_text, prompt_messages
@@ -175,11 +176,10 @@ class RewardModel(Labeler):
 
     def add_rewards(self, ds: ray.data.Dataset, column: str, sampled_by: str | None) -> ray.data.Dataset:
         cfg = self.cfg
-        return ds.map_batches(
-            RewardModelScorer,
+        return map_model_batches(
+            ds, RewardModelScorer, scorer_pool(cfg, cfg.label.batch_size),
             fn_constructor_kwargs={"model": ModelSpec.of(cfg, cfg.label.reward_model),
                                    "batch_size": cfg.label.batch_size, "column": column},
-            **scorer_pool(cfg, cfg.label.batch_size),
         )
 
 

@@ -24,6 +24,7 @@ import torch
 from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ConfigError
+from dpo_ray.ops.datasets import map_model_batches
 from dpo_ray.models import (ADAPTER_CONFIG, ModelSpec, adapter_base, device_for, inference_dtype, resolve_model,
                             set_torch_threads)
 from dpo_ray.sampling import sample_seed, sample_tokens
@@ -250,8 +251,7 @@ def sample_dataset(
     """Completions of every prompt row, as a lazy Ray dataset with the COMPLETIONS schema."""
     if cfg.sample.backend == "vllm" and adapter_base(resolve_model(model)):
         VLLMSampler.lora_rank(resolve_model(model))  # refuses an adapter vLLM cannot serve, before actors start
-    return prompts.map_batches(
-        VLLMSampler if cfg.sample.backend == "vllm" else TransformersSampler,
+    return map_model_batches(
+        prompts, VLLMSampler if cfg.sample.backend == "vllm" else TransformersSampler, sampler_pool(cfg),
         fn_constructor_kwargs={"spec": SamplerSpec.of(cfg, model, n, max_new_tokens, temperature, seed)},
-        **sampler_pool(cfg),
     )

@@ -31,6 +31,7 @@ from dpo_ray import artifacts, schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.logprobs import precision, shared_prompt_batch, shared_prompt_logps
 from dpo_ray.models import ModelSpec, device_for, inference_dtype, model_fingerprint, set_torch_threads
+from dpo_ray.ops.datasets import map_model_batches
 from dpo_ray.ops.samplers import SamplerSpec, TransformersSampler, sample_dataset, sample_logp_is_exact, sampler_pool
 
 
@@ -164,7 +165,7 @@ class LogProbScorer:
 def score_logps(ds: ray.data.Dataset, cfg: PipelineConfig, model: str, columns: dict[str, str],
                 known: pa.Table | None = None, quantize: str | None = None) -> ray.data.Dataset:
     spec = ScorerSpec.of(cfg, model, columns, known, quantize, reference_pass=True)
-    return ds.map_batches(LogProbScorer, fn_constructor_kwargs={"spec": spec}, **scorer_pool(cfg))
+    return map_model_batches(ds, LogProbScorer, scorer_pool(cfg), fn_constructor_kwargs={"spec": spec})
 
 
 class SampleAndScore:
@@ -257,11 +258,11 @@ def completion_logps_columns(ds: ray.data.Dataset, cfg: PipelineConfig, columns:
     exact, scorers = _split(cfg, columns, sampled_by)
     ds = _with_sample_logp(ds, exact)
     if cfg.models_share_actor and scorers:
-        return ds.map_batches(SampleAndScore, fn_constructor_kwargs={"sampler": None, "scorers": scorers},
-                              **scorer_pool(cfg))
+        return map_model_batches(ds, SampleAndScore, scorer_pool(cfg),
+                                 fn_constructor_kwargs={"sampler": None, "scorers": scorers})
     for index, spec in enumerate(scorers):
-        ds = (ds.materialize() if index else ds).map_batches(LogProbScorer, fn_constructor_kwargs={"spec": spec},
-                                                             **scorer_pool(cfg))
+        ds = map_model_batches(ds.materialize() if index else ds, LogProbScorer, scorer_pool(cfg),
+                               fn_constructor_kwargs={"spec": spec})
     return ds
 
 
@@ -281,8 +282,8 @@ def each_sampled_with_logps(prompts: ray.data.Dataset, cfg: PipelineConfig, samp
     # prompts stream into the pool from their read, as sampled_with_logps' do.
     sides = [prompts.map_batches(_named, fn_args=(name,), batch_format="pyarrow") for name in samplers]
     named = _one_after_another(sides).materialize() if len(sides) > 1 else sides[0]
-    return named.map_batches(
-        SampleEachAndScore, **sampler_pool(cfg),
+    return map_model_batches(
+        named, SampleEachAndScore, sampler_pool(cfg),
         fn_constructor_kwargs=sample_each_args(cfg, samplers, n, max_new_tokens, temperature, seed, columns)
     ).materialize()
 
@@ -314,6 +315,6 @@ def sampled_with_logps(prompts: ray.data.Dataset, cfg: PipelineConfig, model: st
         return completion_logps_columns(samples, cfg, columns, sampled_by=model)
     exact, scorers = _split(cfg, columns, model)
     sampler = SamplerSpec.of(cfg, model, n, max_new_tokens, temperature, seed)
-    return _with_sample_logp(prompts.map_batches(SampleAndScore, **sampler_pool(cfg),
-                                                 fn_constructor_kwargs={"sampler": sampler, "scorers": scorers}),
+    return _with_sample_logp(map_model_batches(prompts, SampleAndScore, sampler_pool(cfg),
+                                               fn_constructor_kwargs={"sampler": sampler, "scorers": scorers}),
                              exact)
