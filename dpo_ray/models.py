@@ -153,6 +153,7 @@ def model_fingerprint(spec: str) -> str:
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    skip_unused_imports()  # AutoTokenizer's module imports scikit-learn too: 2.2 s of a sampler's or scorer's start
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code)
