@@ -273,12 +273,13 @@ def plain_pair_logps(model, prompts: list, completions: list) -> tuple[torch.Ten
 
 def matmul_tflops(device: str, dtype: torch.dtype, n: int) -> float:
     """The n x n matmul rate, over as many products (at most 10) as take about a second: on a CPU without bf16
-    units one bf16 product of 1024 x 1024 takes about 2 s, and ten of them were half of the test's run."""
+    units one bf16 product of 1024 x 1024 takes about 2 s, and 3 warm-ups and 10 timed ones were half of the test."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    _, first = timed(lambda: a @ b, device)  # warm-up, and the measure of how many fit in a second
-    repeats = max(1, min(10, int(1.0 / max(first, 1e-9))))
-    for _ in range(min(2, repeats - 1)):  # where products are fast, three warm-ups in all, as a GPU wants
-        a @ b
+    a @ b  # not timed: the first product also loads the kernels (cuBLAS's on a GPU)
+    _, one = timed(lambda: a @ b, device)
+    repeats = min(10, int(1.0 / max(one, 1e-9)))
+    if repeats <= 1:
+        return 2 * n**3 / one / 1e12
     _, seconds = timed(lambda: [a @ b for _ in range(repeats)], device)
     return 2 * n**3 * repeats / seconds / 1e12
 
