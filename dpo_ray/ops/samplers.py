@@ -24,9 +24,9 @@ import torch
 from dpo_ray import schemas
 from dpo_ray.config import PipelineConfig
 from dpo_ray.errors import ConfigError
-from dpo_ray.ops.datasets import map_model_batches
 from dpo_ray.models import (ADAPTER_CONFIG, ModelSpec, adapter_base, device_for, inference_dtype, resolve_model,
                             set_torch_threads)
+from dpo_ray.ops.datasets import map_model_batches
 from dpo_ray.sampling import sample_seed, sample_tokens
 from dpo_ray.text import decode_completion, prompt_token_ids, sampled_messages_json
 
